@@ -1,0 +1,676 @@
+"""llm-gateway: an OpenAI-compatible gateway that routes by model prefix.
+
+Clients point `OPENAI_BASE_URL` at this server and choose a backend with a prefix on the model
+name: `ollama:qwen2.5` goes to Ollama's `/v1` API, `openai:gpt-4.1-mini` to api.openai.com, and
+any backend named in `BACKENDS` the same way. The gateway rewrites the model name, fills optional
+defaults, and streams the upstream's answer back byte for byte, as soon as each chunk arrives.
+
+The file reads top to bottom: settings, routing, the request going up, the answer coming back,
+the app, the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+from urllib.parse import quote, unquote, urlsplit
+
+import anyio
+import httpx
+import orjson
+import uvicorn
+from dotenv import load_dotenv
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("llm_gateway")
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting in the environment that the gateway cannot use."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An OpenAI-compatible upstream: its name (the model prefix), its `/v1` base URL, its key."""
+
+    name: str
+    base_url: str
+    api_key: str | None
+
+    @property
+    def safe_url(self) -> str:
+        """The base URL without credentials or query, fit for logs and error messages."""
+        return public_url(self.base_url)
+
+
+@dataclass(frozen=True)
+class Settings:
+    backends: dict[str, Backend]
+    default_backend: str | None
+    default_temperature: float | None
+    default_max_tokens: int | None
+    connect_timeout: float
+    read_timeout: float
+    models_timeout: float
+    max_connections: int
+    max_body_bytes: int
+    gateway_api_keys: tuple[bytes, ...]
+    gateway_id: str
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read every setting from `env`; `.env.example` documents each one."""
+        backends = {
+            "ollama": _backend(env, "ollama", with_v1(env.get("OLLAMA_BASE_URL") or "http://localhost:11434")),
+            "openai": _backend(env, "openai", env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"),
+        }
+        for name, url in _parse_backends(env.get("BACKENDS", "")):
+            backends[name] = _backend(env, name, url)
+        default = env.get("DEFAULT_BACKEND", "openai").strip() or None
+        if default is not None and default not in backends:
+            raise ConfigError(f"DEFAULT_BACKEND={default!r} is not a backend; choose one of {', '.join(backends)}")
+        return cls(
+            backends=backends,
+            default_backend=default,
+            default_temperature=_number(env, "DEFAULT_TEMPERATURE", None, float),
+            default_max_tokens=_number(env, "DEFAULT_MAX_TOKENS", None, int),
+            connect_timeout=_number(env, "CONNECT_TIMEOUT", 10.0, float),
+            read_timeout=_number(env, "READ_TIMEOUT", 600.0, float),
+            models_timeout=_number(env, "MODELS_TIMEOUT", 5.0, float),
+            max_connections=_number(env, "MAX_CONNECTIONS", 1000, int),
+            max_body_bytes=_number(env, "MAX_BODY_BYTES", 32 * MiB, int),
+            gateway_api_keys=tuple(k.strip().encode() for k in env.get("GATEWAY_API_KEYS", "").split(",") if k.strip()),
+            gateway_id=env.get("GATEWAY_ID") or secrets.token_hex(6),
+            log_level=(env.get("LOG_LEVEL") or "info").upper(),
+        )
+
+
+def with_v1(url: str) -> str:
+    """Ollama serves its OpenAI-compatible API under `/v1`; accept the URL with or without it."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def public_url(url: str) -> str:
+    """`url` without user info or query string, so that no secret reaches a log or a client."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _backend(env: Mapping[str, str], name: str, url: str) -> Backend:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"backend {name!r} needs an http(s) URL, got {public_url(url)!r}")
+    key = env.get(name.upper().replace("-", "_") + "_API_KEY", "").strip() or None
+    return Backend(name=name, base_url=url.rstrip("/"), api_key=key)
+
+
+def _parse_backends(spec: str) -> Iterable[tuple[str, str]]:
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, url = item.partition("=")
+        name = name.strip().lower()
+        if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
+            raise ConfigError(f"BACKENDS entries look like name=url (name of letters, digits, '_', '-', '.'), got {item!r}")
+        yield name, url.strip()
+
+
+def _number(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+    if value < 0 or value != value:
+        raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: everything the gateway answers itself is shaped like OpenAI's errors
+# ---------------------------------------------------------------------------------------------
+
+
+class GatewayError(Exception):
+    """An error answered by the gateway itself, in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})
+
+
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing: which backend gets a model, and where the request goes
+# ---------------------------------------------------------------------------------------------
+
+MAX_MODEL_NAME = 1024
+
+
+def route_model(model: str, settings: Settings) -> tuple[Backend, str]:
+    """Split `model` at its first colon when the part before it names a backend.
+
+    `ollama:qwen2.5:7b` -> (ollama, `qwen2.5:7b`); a name without a known prefix goes whole to the
+    default backend, so clients that send `gpt-4o-mini` keep working.
+    """
+    if len(model) > MAX_MODEL_NAME or _CONTROL_CHARS.search(model):
+        raise GatewayError(
+            400, f"model must be at most {MAX_MODEL_NAME} printable characters, like 'ollama:qwen2.5'", param="model"
+        )
+    prefix, colon, rest = model.partition(":")
+    backend = settings.backends.get(prefix) if colon else None
+    if backend is not None:
+        if not rest:
+            raise GatewayError(
+                400, f"model {model!r} names the backend but no model; send e.g. '{prefix}:<model>'", param="model"
+            )
+        return backend, rest
+    if settings.default_backend is None:
+        raise GatewayError(
+            400,
+            f"model {model!r} does not start with a backend prefix; use one of: "
+            + ", ".join(f"'{name}:<model>'" for name in settings.backends),
+            param="model",
+            code="model_not_found",
+        )
+    return settings.backends[settings.default_backend], model
+
+
+_DOT_SEGMENT = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+_UNSAFE_IN_PATH = re.compile(rb"%2f|%5c|%00|\\|\x00", re.IGNORECASE)
+
+
+def upstream_path(raw_path: bytes) -> str:
+    """The part of the request path after `/v1`, refused if it could leave the backend's `/v1`."""
+    if _DOT_SEGMENT.search(raw_path) or _UNSAFE_IN_PATH.search(raw_path):
+        raise GatewayError(
+            400, "the request path may not contain '.' or '..' segments, encoded slashes or NUL bytes", code="invalid_path"
+        )
+    return raw_path[3:].decode("latin-1")
+
+
+# ---------------------------------------------------------------------------------------------
+# The request going up: body, defaults, headers
+# ---------------------------------------------------------------------------------------------
+
+TEXT_GENERATION_PATHS = frozenset({"/chat/completions", "/completions"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise GatewayError(400, "the client went away before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, f"request body is larger than {limit} bytes (MAX_BODY_BYTES); send a smaller one", code="request_too_large"
+    )
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    """The JSON object of a request, strictly per RFC 8259 (no NaN, no overflowing numbers)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(400, f"request body is not valid JSON ({exc}); send a JSON object") from None
+    if not isinstance(payload, dict):
+        raise GatewayError(400, "request body must be a JSON object, like {\"model\": ..., ...}")
+    if not isinstance(payload.get("model"), str):
+        raise GatewayError(400, "request body needs a string 'model', like \"ollama:qwen2.5\"", param="model")
+    return payload
+
+
+def fill_defaults(payload: dict[str, Any], backend: Backend, path: str, settings: Settings) -> None:
+    """Add DEFAULT_TEMPERATURE / DEFAULT_MAX_TOKENS to a text generation request that leaves them out.
+
+    The token limit goes in the field the backend honours: Ollama ignores `max_completion_tokens`,
+    while OpenAI's reasoning models reject `max_tokens` in chat.
+    """
+    if path not in TEXT_GENERATION_PATHS:
+        return
+    if settings.default_temperature is not None and "temperature" not in payload:
+        payload["temperature"] = settings.default_temperature
+    if settings.default_max_tokens is not None and not ({"max_tokens", "max_completion_tokens"} & payload.keys()):
+        field = "max_completion_tokens" if backend.name == "openai" and path == "/chat/completions" else "max_tokens"
+        payload[field] = settings.default_max_tokens
+
+
+# Hop-by-hop headers (RFC 9110 7.6.1) never cross the gateway; the others listed never go upstream.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"trailer", b"proxy-connection"}
+)
+# The gateway writes its own `Content-Type`, `Content-Length` and `Via`; credentials are its to choose.
+NOT_FORWARDED_UP = HOP_BY_HOP | {
+    b"host", b"content-length", b"content-type", b"via", b"cookie", b"authorization", b"x-api-key", b"api-key"
+}
+NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"set-cookie"}
+
+
+def _connection_named(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """Headers named by `Connection`, which are hop-by-hop too."""
+    return {
+        token.strip().lower() for name, value in headers if name.lower() == b"connection" for token in value.split(b",")
+    }
+
+
+def filter_headers(headers: list[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    named = _connection_named(headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if (low := name.lower()) not in dropped and low not in named and not low.startswith(b"proxy-")
+    ]
+
+
+def via_entry(settings: Settings) -> bytes:
+    return f"1.1 llm-gateway-{settings.gateway_id}".encode()
+
+
+def upstream_headers(request: Request, backend: Backend, settings: Settings) -> list[tuple[bytes, bytes]]:
+    """The client's end-to-end headers, the backend's credential, and this gateway's `Via` entry."""
+    raw = request.headers.raw
+    headers = filter_headers(raw, NOT_FORWARDED_UP)
+    if backend.api_key:
+        headers.append((b"authorization", b"Bearer " + backend.api_key.encode()))
+    elif not settings.gateway_api_keys and (client_auth := request.headers.get("authorization")):
+        headers.append((b"authorization", client_auth.encode("latin-1")))
+    earlier = [value for name, value in raw if name == b"via"]
+    headers.append((b"via", b", ".join([*earlier, via_entry(settings)])))
+    return headers
+
+
+# ---------------------------------------------------------------------------------------------
+# The answer coming back: streamed chunk by chunk, with the client's disconnect watched throughout
+# ---------------------------------------------------------------------------------------------
+
+
+def client_headers(response: httpx.Response, backend: Backend) -> list[tuple[bytes, bytes]]:
+    headers = filter_headers(response.headers.raw, NOT_FORWARDED_DOWN)
+    headers.append((b"x-gateway-backend", backend.name.encode()))
+    streamed = "content-length" not in response.headers or "text/event-stream" in response.headers.get(
+        "content-type", ""
+    )
+    if streamed:
+        headers.append((b"x-accel-buffering", b"no"))
+    return headers
+
+
+def upstream_failure(exc: httpx.HTTPError, backend: Backend, url: httpx.URL) -> GatewayError:
+    """The 502/504 for an upstream that could not be reached or did not answer in time."""
+    where = f"backend '{backend.name}' at {public_url(str(url))}"
+    headers = {"x-gateway-backend": backend.name}
+    if isinstance(exc, httpx.PoolTimeout):
+        return GatewayError(
+            503, "all upstream connections are busy; try again, or raise MAX_CONNECTIONS", type="server_error",
+            code="gateway_busy", headers=headers,
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return GatewayError(
+            504, f"{where} did not answer in time ({type(exc).__name__}); check that it is up, or raise "
+            "CONNECT_TIMEOUT / READ_TIMEOUT", type="upstream_error", code="upstream_timeout", headers=headers,
+        )
+    reason = str(exc) or type(exc).__name__
+    return GatewayError(
+        502, f"could not reach {where}: {reason}; check that it is running and that its URL is right",
+        type="upstream_error", code="upstream_unreachable", headers=headers,
+    )
+
+
+async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    """Cancel `scope` when the client goes away, so the upstream request is closed at once."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+class Relay:
+    """An ASGI response that sends one request upstream and streams the answer back unchanged.
+
+    The client's disconnect is watched from the first moment: while the upstream is still thinking
+    and while it streams. Either way the upstream request is closed, so the backend stops
+    generating. An upstream that fails mid-stream leaves the client's response without its end,
+    so the client sees an error instead of a silently short answer.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, request: httpx.Request, backend: Backend) -> None:
+        self.client, self.request, self.backend = client, request, backend
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with anyio.CancelScope() as cancel_scope:
+            watcher = asyncio.create_task(cancel_on_disconnect(receive, cancel_scope))
+            try:
+                await self.relay(scope, send)
+            finally:
+                watcher.cancel()
+        if cancel_scope.cancelled_caught:
+            scope["state"]["outcome"] = "client disconnected"
+
+    async def relay(self, scope: Scope, send: Send) -> None:
+        try:
+            response = await self.client.send(self.request, stream=True)
+        except httpx.HTTPError as exc:
+            raise upstream_failure(exc, self.backend, self.request.url) from None
+        try:
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": client_headers(response, self.backend)})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as exc:
+            scope["state"]["outcome"] = f"upstream failed mid-stream: {type(exc).__name__}"
+        finally:
+            await response.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# The app: admission, endpoints, access log, lifespan
+# ---------------------------------------------------------------------------------------------
+
+
+def admit(request: Request) -> None:
+    """Refuse requests without a gateway key (when keys are set) and requests that loop back."""
+    settings: Settings = request.app.state.settings
+    if settings.gateway_api_keys and not _has_gateway_key(request, settings.gateway_api_keys):
+        raise GatewayError(
+            401, "missing or wrong gateway key; send 'Authorization: Bearer <key>' with a key from GATEWAY_API_KEYS",
+            type="authentication_error", code="invalid_api_key",
+        )
+    if any(via_entry(settings) in value for name, value in request.headers.raw if name == b"via"):
+        raise GatewayError(
+            508, "request loop: this request already passed through this gateway; a backend URL points back at it",
+            type="server_error", code="loop_detected",
+        )
+
+
+def _has_gateway_key(request: Request, keys: tuple[bytes, ...]) -> bool:
+    auth = request.headers.get("authorization", "")
+    offered = (auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")).encode()
+    matches = [hmac.compare_digest(offered, key) for key in keys]  # every key, always: constant time
+    return any(matches)
+
+
+async def proxy(request: Request) -> Response | Relay:
+    """`POST /v1/...`: route by the body's model, rewrite it, and relay the upstream's answer."""
+    admit(request)
+    settings: Settings = request.app.state.settings
+    path = upstream_path(request.scope["raw_path"])
+    payload = parse_payload(await read_body(request, settings.max_body_bytes))
+    backend, model = route_model(payload["model"], settings)
+    request.state.backend, request.state.model = backend.name, model
+    payload["model"] = model
+    fill_defaults(payload, backend, path, settings)
+    headers = upstream_headers(request, backend, settings)
+    headers.append((b"content-type", b"application/json"))
+    query = request.scope["query_string"]
+    url = backend.base_url + path + ("?" + query.decode("latin-1") if query else "")
+    upstream = httpx.Request("POST", url, headers=headers, content=orjson.dumps(payload))
+    return Relay(request.app.state.client, upstream, backend)
+
+
+async def list_models(request: Request) -> Response:
+    """`GET /v1/models`: every backend's models, asked concurrently, each id prefixed by its backend."""
+    admit(request)
+    settings: Settings = request.app.state.settings
+    lists = await asyncio.gather(
+        *(_backend_models(request, backend) for backend in settings.backends.values())
+    )
+    data = [model for models in lists for model in models]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+async def _backend_models(request: Request, backend: Backend) -> list[dict[str, Any]]:
+    settings: Settings = request.app.state.settings
+    client: httpx.AsyncClient = request.app.state.client
+    url = backend.base_url + "/models"
+    try:
+        with anyio.fail_after(settings.models_timeout):
+            response = await client.send(
+                httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
+            )
+        response.raise_for_status()
+        models = orjson.loads(response.content)["data"]
+        return [{**model, "id": f"{backend.name}:{model['id']}"} for model in models]
+    except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        reason = f"status {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError) else type(exc).__name__
+        logger.warning("models of backend %s at %s left out: %s", backend.name, backend.safe_url, reason)
+        return []
+
+
+def _listing_headers(request: Request, backend: Backend, settings: Settings) -> list[tuple[bytes, bytes]]:
+    """Upstream headers for the gateway's own GETs: it reads and decodes the answer itself."""
+    return [(n, v) for n, v in upstream_headers(request, backend, settings) if n != b"accept-encoding"]
+
+
+async def retrieve_model(request: Request) -> Response:
+    """`GET /v1/models/{model}`: one model from its backend, its id carrying the client's prefix."""
+    admit(request)
+    settings: Settings = request.app.state.settings
+    upstream_path(request.scope["raw_path"])
+    asked = unquote(request.scope["raw_path"].decode("latin-1")[len("/v1/models/"):])
+    backend, model = route_model(asked, settings)
+    request.state.backend, request.state.model = backend.name, model
+    url = httpx.URL(backend.base_url + "/models/" + quote(model, safe=""))
+    try:
+        response = await request.app.state.client.send(
+            httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
+        )
+    except httpx.HTTPError as exc:
+        raise upstream_failure(exc, backend, url) from None
+    body = response.content
+    if response.status_code == 200:
+        body = _with_id_prefix(body, asked[: len(asked) - len(model)])
+    headers = filter_headers(response.headers.raw, NOT_FORWARDED_DOWN | {b"content-length", b"content-encoding"})
+    headers.append((b"x-gateway-backend", backend.name.encode()))
+    response_out = Response(body, response.status_code)
+    response_out.raw_headers = [*headers, (b"content-length", str(len(body)).encode())]
+    return response_out
+
+
+def _with_id_prefix(body: bytes, prefix: str) -> bytes:
+    try:
+        model = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if isinstance(model, dict) and isinstance(model.get("id"), str):
+        model["id"] = prefix + model["id"]
+        return orjson.dumps(model)
+    return body
+
+
+async def health(request: Request) -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+async def gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's 404 and 405, in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"no such endpoint: {request.method} {escape(request.url.path)}; the gateway serves /v1/..."
+    else:
+        message = f"method {request.method} is not allowed on {escape(request.url.path)}"
+    return error_response(exc.status_code, message, headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "the gateway failed to handle this request; see its log", type="server_error")
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape(value: str) -> str:
+    """`value` with control characters escaped, so that no client can forge a log line."""
+    return _CONTROL_CHARS.sub(lambda m: m.group().encode("unicode_escape").decode(), value)
+
+
+class AccessLog:
+    """One log line per request: what was asked, where it went, and how it went."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        first_byte: float | None = None
+        status, sent = 500, 0
+        state = scope.setdefault("state", {})
+
+        async def send_counted(message: Message) -> None:
+            nonlocal first_byte, status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            else:
+                if first_byte is None:
+                    first_byte = time.perf_counter()
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            ended = time.perf_counter()
+            ttfb = (first_byte or ended) - started
+            logger.info(
+                "%s %s backend=%s model=%s status=%d ttfb_ms=%.1f total_ms=%.1f bytes=%d%s",
+                scope["method"], escape(scope["path"]), state.get("backend", "-"), escape(state.get("model", "-")),
+                status, ttfb * 1000, (ended - started) * 1000, sent,
+                f" ({state['outcome']})" if "outcome" in state else "",
+            )
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The gateway as an ASGI app, with one shared upstream client opened and closed by its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(
+            connect=settings.connect_timeout, read=settings.read_timeout,
+            write=settings.read_timeout, pool=settings.connect_timeout,
+        )
+        limits = httpx.Limits(
+            max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections
+        )
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            app.state.client = client
+            yield
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+            Route("/v1/{path:path}", proxy, methods=["POST"]),
+        ],
+        middleware=[Middleware(AccessLog)],
+        exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: internal_error},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app
+
+
+def configure_logging(level: str) -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+load_dotenv(Path.cwd() / ".env")
+os.environ.setdefault("GATEWAY_ID", secrets.token_hex(6))  # one id for this gateway and all its workers
+SETTINGS = Settings.from_env(os.environ)
+configure_logging(SETTINGS.log_level)
+app = create_app(SETTINGS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python gateway.py` / `llm-gateway`: serve the gateway with uvicorn."""
+    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--workers", type=int, default=1, help="processes to serve with; about one per core")
+    args = parser.parse_args(argv)
+    uvicorn.run(
+        "gateway:app" if args.workers > 1 else app,
+        host=args.host, port=args.port, workers=args.workers,
+        log_level=SETTINGS.log_level.lower(), access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
