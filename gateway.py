@@ -457,6 +457,7 @@ async def proxy(request: Request) -> Response | Relay:
     settings: Settings = request.app.state.settings
     path = upstream_path(request.scope["raw_path"])
     payload = parse_payload(await read_body(request, settings.max_body_bytes))
+    request.state.model = payload["model"]
     backend, model = route_model(payload["model"], settings)
     request.state.backend, request.state.model = backend.name, model
     payload["model"] = model

@@ -1,0 +1,1229 @@
+#!/usr/bin/env python3
+"""Benchmark for llm-gateway: how much the gateway costs, measured on loopback.
+
+Usage::
+
+    python bench.py [--quick] [--json out.json] [--duration S] [--gateway-cmd "python gateway.py"]
+
+What runs (all on 127.0.0.1, nothing leaves the machine):
+
+* a **fake upstream**: an OpenAI-compatible ``/v1/chat/completions`` written as a
+  raw asyncio Protocol on uvloop with httptools parsing and canned responses.  A
+  plain request gets a 543 B ``chat.completion`` JSON; ``"stream": true`` gets an
+  SSE stream of 200 ``data: {...}`` events plus ``data: [DONE]``, each written
+  with its own ``transport.write`` (one chunk of HTTP chunked encoding each).
+* a **load generator** built the same way: keep-alive connections, one
+  request in flight per connection, pre-built request bytes.  It checks every
+  response (status 200, exact body length; for SSE the number of events, the
+  byte count and the final ``[DONE]``) and counts anything else as an error.
+* the **gateway** under test (``python gateway.py`` by default), pointed at the
+  fake upstream through ``BACKENDS=fake=http://127.0.0.1:<port>/v1``.
+
+The fake upstream and the load generator are separate processes pinned to CPU 1;
+the gateway is pinned to CPU 0 (``--gateway-cpus``), so its throughput is what
+one core of gateway buys.
+
+How to read the output:
+
+* **Direct capacity** is the load generator hitting the fake upstream with no
+  gateway in between.  It should be well above (>= 5x) the gateway's figure,
+  otherwise the harness, not the gateway, is what is being measured.
+* Every scenario is run **direct** and **through the gateway**, each with a
+  warm-up followed by a measured window.  ``req/s`` counts requests completed in
+  the window; p50/p99 are per-request latencies (for SSE: until the whole stream
+  has arrived).  ``gw CPU µs/req`` is the utime+stime the gateway's processes
+  (all of them, if it runs workers) used during the window, divided by the
+  requests completed: the cost of one request, independent of how busy the
+  core was.  ``gw CPU %`` near 100 means the gateway core was saturated.
+  ``aux CPU %`` is the load generator plus the fake upstream on CPU 1: if it
+  approaches 100 the harness is close to being the bottleneck.
+* ``gw peak RSS`` is the gateway's peak resident memory during the window
+  (VmHWM after resetting it through ``/proc/<pid>/clear_refs``, or sampled VmRSS).
+* **Added latency** (concurrency 1) is gateway minus direct at p50 and p99.
+* **Memory per open stream**: RSS at rest, then with N slow SSE streams held
+  open through the gateway at once; the difference divided by N.  It also checks
+  whether the gateway closes its upstream streams once the clients hang up.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import http.client
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import httptools
+import uvloop
+
+HOST = "127.0.0.1"
+HERE = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# --------------------------------------------------------------------------
+# Canned payloads
+# --------------------------------------------------------------------------
+
+JSON_ANSWER_SIZE = 543
+SSE_DATA_EVENTS = 200
+SLOW_MARKER = "BENCH_SLOW_STREAM"  # in a request body: the upstream streams slowly
+
+
+def _compact(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _chat_answer(size: int = JSON_ANSWER_SIZE) -> bytes:
+    """A realistic ``chat.completion`` body padded to exactly ``size`` bytes."""
+    answer = {
+        "id": "chatcmpl-bench0123456789abcdefghijklmn",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "gpt-bench",
+        "system_fingerprint": "fp_bench01",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }],
+        "usage": {"prompt_tokens": 42, "completion_tokens": 64, "total_tokens": 106},
+    }
+    pad = size - len(_compact(answer))
+    answer["choices"][0]["message"]["content"] = ("The quick brown fox jumps over the lazy dog. " * 20)[:pad]
+    body = _compact(answer)
+    assert len(body) == size, len(body)
+    return body
+
+
+def _sse_events(n: int = SSE_DATA_EVENTS) -> list[bytes]:
+    """``n`` chat.completion.chunk events followed by ``data: [DONE]``."""
+    events = []
+    for i in range(n):
+        chunk = {
+            "id": "chatcmpl-bench0123456789abcdefghijklmn",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": "gpt-bench",
+            "choices": [{"index": 0, "delta": {"content": f"tok{i:03d} "}, "finish_reason": None}],
+        }
+        events.append(b"data: " + _compact(chunk) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def _chat_request(stream: bool = False, content: str | None = None, size: int = 300) -> bytes:
+    """A chat request body; without ``content`` it is padded to about ``size`` bytes."""
+    req: dict[str, Any] = {"model": "fake:gpt-bench", "stream": stream, "temperature": 0.7, "max_tokens": 64,
+                           "messages": [{"role": "system", "content": "You are a concise assistant."},
+                                        {"role": "user", "content": content or ""}]}
+    if content is None:
+        pad = size - len(_compact(req))
+        req["messages"][1]["content"] = ("Please summarise the benchmark results in one line. " * 10)[:max(pad, 1)]
+    return _compact(req)
+
+
+def _big_request(size: int = 1 << 20) -> bytes:
+    """A non-streaming chat request of exactly ``size`` bytes (one huge user message)."""
+    empty = len(_chat_request(content="x"))
+    body = _chat_request(content="x" * (size - empty + 1))
+    assert len(body) == size, len(body)
+    return body
+
+
+JSON_ANSWER = _chat_answer()
+SSE_EVENTS = _sse_events()
+SSE_EXPECTED_EVENTS = len(SSE_EVENTS)              # 201, [DONE] included
+SSE_BODY_LEN = sum(map(len, SSE_EVENTS))
+SSE_DONE = SSE_EVENTS[-1]
+
+SMALL_REQUEST = _chat_request()
+STREAM_REQUEST = _chat_request(stream=True)
+SLOW_STREAM_REQUEST = _chat_request(stream=True, content=f"{SLOW_MARKER} hold this stream open")
+BIG_REQUEST = _big_request()
+
+_JSON_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(JSON_ANSWER)) + JSON_ANSWER
+_SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n")
+_SSE_FRAMES = [b"%x\r\n%s\r\n" % (len(ev), ev) for ev in SSE_EVENTS]   # one chunked frame per event
+_CHUNKED_END = b"0\r\n\r\n"
+_SLOW_MARKER_B = SLOW_MARKER.encode()
+_BODY_EDGE = 1024
+
+
+# --------------------------------------------------------------------------
+# /proc helpers
+# --------------------------------------------------------------------------
+
+def pin_to_cpus(cpus: set[int] | None, pid: int = 0) -> bool:
+    """Pin ``pid`` (0 = self) to ``cpus``; False where the OS does not allow it."""
+    if not cpus:
+        return False
+    try:
+        os.sched_setaffinity(pid, cpus)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its live descendants (uvicorn workers are children)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _read(f"/proc/{name}/stat")
+            if stat:
+                children[int(stat.rsplit(b")", 1)[1].split()[1])].append(int(name))
+    tree, i = [root], 0
+    while i < len(tree):
+        tree.extend(children.get(tree[i], ()))
+        i += 1
+    return [p for p in tree if os.path.exists(f"/proc/{p}")]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """Sum of utime+stime of ``pids`` in seconds."""
+    ticks = 0
+    for pid in pids:
+        stat = _read(f"/proc/{pid}/stat")
+        if stat:
+            fields = stat.rsplit(b")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])   # utime, stime (fields 14, 15)
+    return ticks / CLK_TCK
+
+
+def status_kb(pids: list[int], key: str) -> int:
+    """Sum of a ``/proc/<pid>/status`` field in kB, e.g. VmRSS or VmHWM."""
+    total, prefix = 0, key.encode() + b":"
+    for pid in pids:
+        for line in (_read(f"/proc/{pid}/status") or b"").splitlines():
+            if line.startswith(prefix):
+                total += int(line.split()[1])
+    return total
+
+
+def rss_kb(root: int) -> int:
+    return status_kb(process_tree(root), "VmRSS")
+
+
+def reset_peak_rss(pids: list[int]) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0, needs write access to clear_refs)."""
+    ok = True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            ok = False
+    return ok
+
+
+def fd_count(root: int) -> int:
+    """Open file descriptors over the whole process tree."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            pass
+    return total
+
+
+def fd_kinds(root: int) -> dict[str, int]:
+    """Open fds by kind (socket, pipe, anon_inode:[eventpoll], file...) to explain a difference."""
+    kinds: collections.Counter[str] = collections.Counter()
+    for pid in process_tree(root):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("/"):
+                kinds["file"] += 1
+            elif target.startswith("anon_inode:"):
+                kinds[target] += 1
+            else:
+                kinds[target.split(":")[0]] += 1        # socket:[123] -> socket
+    return dict(sorted(kinds.items()))
+
+
+# --------------------------------------------------------------------------
+# Fake upstream
+# --------------------------------------------------------------------------
+
+class _UpstreamStats:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.streams_started = 0
+        self.streams_completed = 0
+        self.streams_cancelled = 0   # peer closed the connection before the stream ended
+        self.connections_total = 0
+        self.idle_closed = 0
+
+
+class FakeUpstream:
+    """The server side: a set of connections plus the knobs shared by them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sse_gap: float, slow_gap: float,
+                 idle_timeout: float | None) -> None:
+        self.loop = loop
+        self.sse_gap = sse_gap          # seconds between SSE events; 0 = yield to the loop only
+        self.slow_gap = slow_gap        # seconds between events of a SLOW_MARKER stream
+        self.idle_timeout = idle_timeout
+        self.conns: set[_UpstreamConn] = set()
+        self.stats = _UpstreamStats()
+
+    def stats_json(self, exclude: "_UpstreamConn") -> bytes:
+        data = dict(vars(self.stats))
+        data["open_connections"] = len(self.conns) - (exclude in self.conns)
+        data["active_streams"] = sum(c.stream_pos is not None for c in self.conns)
+        return _compact(data)
+
+    async def sweep_idle(self) -> None:
+        """Close keep-alive connections idle for longer than ``idle_timeout`` (as real servers do)."""
+        assert self.idle_timeout
+        while True:
+            await asyncio.sleep(min(0.5, self.idle_timeout / 2))
+            deadline = self.loop.time() - self.idle_timeout
+            for conn in list(self.conns):
+                if conn.stream_pos is None and conn.last_active < deadline:
+                    self.stats.idle_closed += 1
+                    conn.transport.close()
+
+
+class _UpstreamConn(asyncio.Protocol):
+    """One upstream connection: parse requests, answer with canned bytes."""
+
+    def __init__(self, server: FakeUpstream) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.head = b""         # first and last bytes of the request body: enough to classify it
+        self.tail = b""
+        self.stream_pos: int | None = None     # next SSE frame to write, None when not streaming
+        self.stream_gap = 0.0
+        self.handle: asyncio.Handle | None = None
+        self.paused = False
+        self.close_after = False
+        self.last_active = self.loop.time()
+
+    # asyncio.Protocol -------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.conns.add(self)
+        self.server.stats.connections_total += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.conns.discard(self)
+        if self.stream_pos is not None:
+            self.server.stats.streams_cancelled += 1
+            self.stream_pos = None
+        if self.handle:
+            self.handle.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.stream_pos is not None and self.handle is None:
+            self.handle = self.loop.call_soon(self._stream_step)
+
+    # httptools callbacks -----------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.head = self.tail = b""
+        self.last_active = self.loop.time()
+
+    def on_body(self, body: bytes) -> None:
+        # Keep only the edges: storing and scanning a 1 MiB body would make the upstream, not the
+        # gateway, the bottleneck.  "stream" and SLOW_MARKER sit near the start of our requests.
+        if len(self.head) < _BODY_EDGE:
+            self.head += body[:_BODY_EDGE - len(self.head)]
+        self.tail = (self.tail + body[-_BODY_EDGE:])[-_BODY_EDGE:]
+
+    def on_message_complete(self) -> None:
+        self.close_after = not self.parser.should_keep_alive()
+        if self.parser.get_method() == b"GET":
+            payload = self.server.stats_json(exclude=self)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+            self._maybe_close()
+            return
+        edges = self.head + self.tail
+        self.server.stats.requests += 1
+        if _SLOW_MARKER_B in edges:
+            self._start_stream(self.server.slow_gap)
+        elif b'"stream":true' in edges or b'"stream": true' in edges:
+            self._start_stream(self.server.sse_gap)
+        else:
+            self.transport.write(_JSON_RESPONSE)
+            self._maybe_close()
+
+    # SSE ----------------------------------------------------------------------
+    def _start_stream(self, gap: float) -> None:
+        self.server.stats.streams_started += 1
+        self.transport.write(_SSE_HEAD)
+        self.stream_pos, self.stream_gap = 0, gap
+        self._stream_step()
+
+    def _stream_step(self) -> None:
+        """Write one event, then come back later (or on the next loop turn)."""
+        self.handle = None
+        if self.stream_pos is None or self.paused:
+            return
+        self.transport.write(_SSE_FRAMES[self.stream_pos])
+        self.stream_pos += 1
+        if self.stream_pos < len(_SSE_FRAMES):
+            if self.stream_gap:
+                self.handle = self.loop.call_later(self.stream_gap, self._stream_step)
+            else:
+                self.handle = self.loop.call_soon(self._stream_step)
+            return
+        self.transport.write(_CHUNKED_END)
+        self.stream_pos = None
+        self.last_active = self.loop.time()
+        self.server.stats.streams_completed += 1
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.close_after:
+            self.transport.close()
+
+
+def upstream_main(conn: multiprocessing.connection.Connection, cpus: set[int] | None,
+                  sse_gap: float, slow_gap: float, idle_timeout: float | None) -> None:
+    """Process entry point: serve on an ephemeral port, report it through ``conn``, run forever."""
+    pin_to_cpus(cpus)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = FakeUpstream(loop, sse_gap, slow_gap, idle_timeout)
+    srv = loop.run_until_complete(loop.create_server(lambda: _UpstreamConn(server), HOST, 0, backlog=4096))
+    if idle_timeout:
+        loop.create_task(server.sweep_idle())
+    conn.send(srv.sockets[0].getsockname()[1])
+    loop.run_forever()
+
+
+# --------------------------------------------------------------------------
+# Load generator
+# --------------------------------------------------------------------------
+
+@dataclass
+class RequestKind:
+    """One kind of request in a load mix."""
+    name: str
+    body: bytes
+    sse: bool
+    weight: float = 1.0
+    # (min, max) SSE events after which the client hangs up on purpose; None = read it all
+    abort_after: tuple[int, int] | None = None
+
+
+@dataclass
+class LoadSpec:
+    """A load run: ``concurrency`` connections, each with one request in flight at a time."""
+    port: int
+    kinds: list[RequestKind]
+    concurrency: int
+    warmup: float
+    duration: float
+    # role -> root pid; CPU and (for "gateway") memory are sampled over the measured window
+    watch: dict[str, int] = field(default_factory=dict)
+    timeout: float = 30.0            # a request taking longer is an error ("timeout")
+    path: str = "/v1/chat/completions"
+    rss_every: float = 0.25          # seconds between RSS samples of the gateway
+
+
+def build_request(port: int, path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+            f"Accept: */*\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+class _Client(asyncio.Protocol):
+    """A keep-alive client connection; ``request()`` sends one request and awaits its outcome."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.waiter: asyncio.Future[str] | None = None
+        self.first_event: asyncio.Future[None] | None = None
+        self.started = 0.0
+        self._reset(None)
+
+    def _reset(self, kind: RequestKind | None) -> None:
+        self.kind = kind
+        self.status = 0
+        self.nbytes = 0
+        self.events = 0
+        self.tail = b""
+        self.abort_at = 0
+
+    def request(self, kind: RequestKind, wire: bytes) -> asyncio.Future[str]:
+        self._reset(kind)
+        if kind.abort_after:
+            self.abort_at = random.randint(*kind.abort_after)
+        self.waiter = self.loop.create_future()
+        self.started = time.perf_counter()
+        assert self.transport is not None
+        self.transport.write(wire)
+        return self.waiter
+
+    def finish(self, outcome: str) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
+
+    def close(self, abort: bool = False) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort() if abort else self.transport.close()
+        self.closed = True
+
+    # asyncio.Protocol -----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None:
+            self.finish("short_body" if self.status else "conn_lost")
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.finish("bad_http")
+            self.close(abort=True)
+
+    # httptools callbacks ----------------------------------------------------------
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.nbytes += len(body)
+        if self.kind is None or not self.kind.sse:
+            return
+        # count "\n\n" event terminators, including one split across two reads
+        n = body.count(b"\n\n") + (self.tail[-1:] == b"\n" and body[:1] == b"\n")
+        self.tail = (self.tail + body[-16:])[-16:]
+        if n and not self.events and self.first_event is not None and not self.first_event.done():
+            self.first_event.set_result(None)
+        self.events += n
+        if self.abort_at and self.events >= self.abort_at and self.waiter is not None:
+            self.finish("aborted")
+            self.close()
+
+    def on_message_complete(self) -> None:
+        if self.waiter is None:
+            return
+        kind = self.kind
+        assert kind is not None
+        if self.status != 200:
+            outcome = f"http_{self.status}"
+        elif kind.sse:
+            ok = (self.events == SSE_EXPECTED_EVENTS and self.nbytes == SSE_BODY_LEN
+                  and self.tail.endswith(SSE_DONE))
+            outcome = "ok" if ok else ("short_body" if self.nbytes < SSE_BODY_LEN else "body_mismatch")
+        else:
+            n = len(JSON_ANSWER)
+            outcome = "ok" if self.nbytes == n else ("short_body" if self.nbytes < n else "body_mismatch")
+        if not self.parser.should_keep_alive():
+            self.close()
+        self.finish(outcome)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[k]
+
+
+class _Watch:
+    """CPU (and, for the gateway, memory) of watched process trees over a measured window."""
+
+    def __init__(self, watch: dict[str, int]) -> None:
+        self.roots = dict(watch)
+        self.trees = {role: process_tree(pid) for role, pid in self.roots.items()}
+        self.cpu0 = {role: cpu_seconds(pids) for role, pids in self.trees.items()}
+        gw = self.trees.get("gateway", [])
+        self.peak_reset = bool(gw) and reset_peak_rss(gw)
+        self.rss_start = status_kb(gw, "VmRSS") if gw else 0
+        self.rss_max = self.rss_start
+        self.timeline: list[int] = []
+
+    def sample_rss(self) -> None:
+        if "gateway" in self.trees:
+            rss = status_kb(self.trees["gateway"], "VmRSS")
+            self.rss_max = max(self.rss_max, rss)
+            self.timeline.append(rss)
+
+    def finish(self, elapsed: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"cpu_s": {}, "cpu_pct": {}}
+        for role, pids in self.trees.items():
+            pids = sorted(set(pids) | set(process_tree(self.roots[role])))
+            used = cpu_seconds(pids) - self.cpu0[role]
+            out["cpu_s"][role] = round(used, 3)
+            out["cpu_pct"][role] = round(100 * used / elapsed, 1)
+        gw = self.trees.get("gateway")
+        if gw:
+            self.sample_rss()
+            hwm = status_kb(gw, "VmHWM") if self.peak_reset else 0
+            out.update(gw_rss_start_kb=self.rss_start, gw_rss_end_kb=self.timeline[-1],
+                       gw_peak_rss_kb=max(hwm, self.rss_max), gw_workers=len(gw))
+        return out
+
+
+class LoadGen:
+    """Runs load specs inside the load-generator process (see ``loadgen_main``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.held: list[_Client] = []
+
+    async def _connect(self, port: int) -> _Client:
+        _, client = await self.loop.create_connection(lambda: _Client(self.loop), HOST, port)
+        return client
+
+    async def run(self, spec: LoadSpec) -> dict[str, Any]:
+        """Warm up, then measure for ``spec.duration`` seconds; return counts, latencies, CPU, RSS."""
+        wires = [build_request(spec.port, spec.path, k.body) for k in spec.kinds]
+        weights = [k.weight for k in spec.kinds]
+        state = _RunState()
+        clients: list[_Client | None] = [None] * spec.concurrency
+
+        async def slot(i: int) -> None:
+            while state.running:
+                client = clients[i]
+                if client is None or client.closed:
+                    try:
+                        client = clients[i] = await self._connect(spec.port)
+                    except OSError:
+                        state.count_outcome("connect_error", None)
+                        await asyncio.sleep(0.05)
+                        continue
+                k = 0 if len(wires) == 1 else random.choices(range(len(wires)), weights)[0]
+                outcome = await client.request(spec.kinds[k], wires[k])
+                state.record(spec.kinds[k].name, outcome, time.perf_counter() - client.started)
+                if outcome not in ("ok",):
+                    client.close(abort=outcome != "aborted")
+                    clients[i] = None
+
+        async def watchdog() -> None:
+            while True:
+                await asyncio.sleep(0.25)
+                now = time.perf_counter()
+                for c in clients:
+                    if c is not None and c.waiter is not None and now - c.started > spec.timeout:
+                        c.finish("timeout")
+                        c.close(abort=True)
+
+        tasks = [self.loop.create_task(slot(i)) for i in range(spec.concurrency)]
+        dog = self.loop.create_task(watchdog())
+        await asyncio.sleep(spec.warmup)
+
+        watch = _Watch(spec.watch)
+        state.start_window()
+        end = time.perf_counter() + spec.duration
+        while (left := end - time.perf_counter()) > 0:
+            await asyncio.sleep(min(spec.rss_every, left))
+            watch.sample_rss()
+        elapsed = state.end_window()
+        usage = watch.finish(elapsed)
+
+        state.running = False                                   # drain: let in-flight requests finish
+        done, pending = await asyncio.wait(tasks, timeout=min(spec.timeout, 10.0) + 1)
+        for c in clients:
+            if c is not None and c.waiter is not None:
+                c.finish("unfinished")
+            if c is not None:
+                c.close(abort=True)
+        if pending:
+            await asyncio.wait(pending, timeout=1)
+        dog.cancel()
+        return state.summary(elapsed) | usage | {"concurrency": spec.concurrency}
+
+    async def hold(self, port: int, n: int, timeout: float = 15.0) -> dict[str, Any]:
+        """Open ``n`` slow SSE streams and wait until each has delivered its first event."""
+        kind = RequestKind("slow", SLOW_STREAM_REQUEST, sse=True)
+        wire = build_request(port, "/v1/chat/completions", kind.body)
+        sem = asyncio.Semaphore(32)
+
+        async def one() -> _Client:
+            async with sem:
+                client = await self._connect(port)
+                try:
+                    client.first_event = self.loop.create_future()
+                    client.request(kind, wire)
+                    await asyncio.wait_for(client.first_event, timeout)
+                except BaseException:
+                    client.close(abort=True)
+                    raise
+                return client
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+        self.held = [r for r in results if isinstance(r, _Client)]
+        errors = collections.Counter(type(r).__name__ for r in results if not isinstance(r, _Client))
+        return {"opened": len(self.held), "failed": n - len(self.held), "errors": dict(errors),
+                "open_s": round(time.perf_counter() - t0, 3)}
+
+    async def release(self, _: Any = None) -> dict[str, Any]:
+        """Hang up on all streams opened by ``hold``."""
+        for c in self.held:
+            c.close()
+        n, self.held = len(self.held), []
+        await asyncio.sleep(0.05)
+        return {"closed": n}
+
+
+class _RunState:
+    """Counters for one run; only requests completing inside the window make the figures."""
+
+    def __init__(self) -> None:
+        self.running = True
+        self.measuring = False
+        self.window_start = 0.0
+        self.latencies: list[float] = []
+        self.outcomes: collections.Counter[str] = collections.Counter()      # whole run
+        self.per_kind: collections.Counter[str] = collections.Counter()      # whole run, "kind:outcome"
+        self.window_ok = 0
+
+    def start_window(self) -> None:
+        self.measuring, self.window_start = True, time.perf_counter()
+
+    def end_window(self) -> float:
+        self.measuring = False
+        return time.perf_counter() - self.window_start
+
+    def count_outcome(self, outcome: str, kind: str | None) -> None:
+        self.outcomes[outcome] += 1
+        if kind:
+            self.per_kind[f"{kind}:{outcome}"] += 1
+
+    def record(self, kind: str, outcome: str, latency: float) -> None:
+        self.count_outcome(outcome, kind)
+        if self.measuring and outcome == "ok":
+            self.window_ok += 1
+            self.latencies.append(latency)
+
+    def summary(self, elapsed: float) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        errors = {k: v for k, v in self.outcomes.items() if k not in ("ok", "aborted")}
+        ms = lambda v: round(v * 1000, 3)  # noqa: E731
+        return {
+            "window_s": round(elapsed, 3),
+            "requests": self.window_ok,
+            "rps": round(self.window_ok / elapsed, 1),
+            "p50_ms": ms(percentile(lat, 50)), "p90_ms": ms(percentile(lat, 90)),
+            "p99_ms": ms(percentile(lat, 99)), "max_ms": ms(lat[-1]) if lat else None,
+            "mean_ms": ms(sum(lat) / len(lat)) if lat else None,
+            "completed_total": self.outcomes["ok"],
+            "aborted": self.outcomes["aborted"],
+            "errors": sum(errors.values()),
+            "error_kinds": errors,
+            "per_kind": dict(self.per_kind),
+        }
+
+
+def loadgen_main(conn: multiprocessing.connection.Connection, cpus: set[int] | None) -> None:
+    """Process entry point: execute ``(method, arg)`` commands from ``conn`` until ``stop``."""
+    pin_to_cpus(cpus)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    gen = LoadGen(loop)
+    while True:
+        method, kwargs = conn.recv()
+        if method == "stop":
+            break
+        try:
+            conn.send(("ok", loop.run_until_complete(getattr(gen, method)(**kwargs))))
+        except Exception:  # report to the parent instead of dying silently
+            conn.send(("error", traceback.format_exc()))
+
+
+# --------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def parse_cpus(text: str) -> set[int] | None:
+    """'0' or '0,1' -> {0} / {0, 1}; '' or 'none' -> no pinning."""
+    if not text or text.lower() == "none":
+        return None
+    return {int(c) for c in text.split(",")}
+
+
+def gateway_argv(cmd: str) -> list[str]:
+    """Split the gateway command; a leading ``python`` means this interpreter (the venv's)."""
+    argv = shlex.split(cmd)
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return argv
+
+
+class Harness:
+    """Fake upstream + load generator (CPU 1) + gateway (CPU 0); stops everything it started."""
+
+    def __init__(self, gateway_cmd: str = "python gateway.py", workers: int | None = None,
+                 gateway_cpus: set[int] | None = None, aux_cpus: set[int] | None = None,
+                 sse_gap: float = 0.0, slow_gap: float = 1.0, upstream_idle_timeout: float | None = None,
+                 log_level: str = "warning", cwd: Path = HERE) -> None:
+        self.gateway_cmd, self.workers, self.cwd, self.log_level = gateway_cmd, workers, cwd, log_level
+        many = (os.cpu_count() or 1) >= 2
+        self.gateway_cpus = gateway_cpus if many else None
+        self.aux_cpus = aux_cpus if many else None
+        self.sse_gap, self.slow_gap, self.idle_timeout = sse_gap, slow_gap, upstream_idle_timeout
+        self.ctx = multiprocessing.get_context("fork")
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.gateway_log = Path(tempfile.mkstemp(prefix="bench-gateway-", suffix=".log")[1])
+        self.upstream_port = 0
+        self.gateway_port = 0
+        self._lg: multiprocessing.connection.Connection | None = None
+        self.pinned = {"aux": False, "gateway": False}
+
+    # lifecycle ------------------------------------------------------------------
+    def __enter__(self) -> "Harness":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.pinned["aux"] = pin_to_cpus(self.aux_cpus)   # this orchestrating process too
+        self.start_upstream()
+        self.start_loadgen()
+        self.start_gateway()
+
+    def start_upstream(self) -> None:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=upstream_main, name="fake-upstream", daemon=True,
+                                args=(child, self.aux_cpus, self.sse_gap, self.slow_gap, self.idle_timeout))
+        proc.start()
+        self.procs.append(proc)
+        if not parent.poll(10):
+            raise RuntimeError("fake upstream did not start")
+        self.upstream_port = parent.recv()
+
+    def start_loadgen(self) -> None:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=loadgen_main, name="loadgen", daemon=True, args=(child, self.aux_cpus))
+        proc.start()
+        self.procs.append(proc)
+        self._lg = parent
+
+    def start_gateway(self, timeout: float = 30.0) -> None:
+        self.gateway_port = free_port()
+        argv = gateway_argv(self.gateway_cmd) + ["--host", HOST, "--port", str(self.gateway_port)]
+        if self.workers:
+            argv += ["--workers", str(self.workers)]
+        env = dict(os.environ, BACKENDS=f"fake={self.upstream_url}", DEFAULT_BACKEND="fake",
+                   LOG_LEVEL=self.log_level)
+        cpus = self.gateway_cpus
+        log = open(self.gateway_log, "wb")
+        self.gateway = subprocess.Popen(argv, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=(lambda: pin_to_cpus(cpus)) if cpus else None)
+        log.close()
+        self.pinned["gateway"] = bool(cpus) and os.sched_getaffinity(self.gateway.pid) == cpus
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.gateway.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.gateway.returncode}:\n{self.gateway_log_tail()}")
+            try:
+                status, body = http_get(self.gateway_port, "/health", timeout=1)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gateway not healthy after {timeout}s:\n{self.gateway_log_tail()}")
+
+    def stop_gateway(self) -> None:
+        if self.gateway is None or self.gateway.poll() is not None:
+            return
+        pgid = self.gateway.pid    # we started it with start_new_session: its group id is its pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            self.gateway.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.gateway.wait(5)
+        except ProcessLookupError:
+            pass
+        try:                        # workers left behind in the group
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        self.stop_gateway()
+        if self._lg is not None:
+            try:
+                self._lg.send(("stop", {}))
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(2)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2)
+            if proc.is_alive():
+                proc.kill()
+        self.procs.clear()
+
+    # helpers ----------------------------------------------------------------------
+    @property
+    def upstream_url(self) -> str:
+        return f"http://{HOST}:{self.upstream_port}/v1"
+
+    @property
+    def gateway_pid(self) -> int:
+        assert self.gateway is not None
+        return self.gateway.pid
+
+    def gateway_log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.gateway_log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def loadgen(self, method: str, **kwargs: Any) -> Any:
+        """Call a ``LoadGen`` method in the load-generator process and return its result."""
+        assert self._lg is not None
+        self._lg.send((method, kwargs))
+        status, result = self._lg.recv()
+        if status != "ok":
+            raise RuntimeError(f"load generator failed:\n{result}")
+        return result
+
+    def upstream_stats(self) -> dict[str, Any]:
+        return json.loads(http_get(self.upstream_port, "/_stats")[1])
+
+    def watch(self) -> dict[str, int]:
+        assert self.procs
+        return {"gateway": self.gateway_pid, "upstream": self.procs[0].pid, "loadgen": self.procs[1].pid}
+
+    def run_load(self, target: str, kinds: list[RequestKind], concurrency: int, warmup: float,
+                 duration: float, timeout: float = 30.0) -> dict[str, Any]:
+        """One warm-up + measured window against ``target`` ('direct' or 'gateway')."""
+        port = self.gateway_port if target == "gateway" else self.upstream_port
+        spec = LoadSpec(port=port, kinds=kinds, concurrency=concurrency, warmup=warmup,
+                        duration=duration, watch=self.watch(), timeout=timeout)
+        return self.loadgen("run", spec=spec)
+
+
+# --------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    kind: RequestKind
+    concurrency: int
+
+
+SCENARIOS = [
+    Scenario("small_c64", f"small chat ({len(SMALL_REQUEST)} B -> {len(JSON_ANSWER)} B)",
+             RequestKind("small", SMALL_REQUEST, sse=False), 64),
+    Scenario("small_c1", "small chat, concurrency 1 (latency)", RequestKind("small", SMALL_REQUEST, sse=False), 1),
+    Scenario("sse_c64", f"SSE stream, {SSE_EXPECTED_EVENTS} events / {SSE_BODY_LEN} B",
+             RequestKind("sse", STREAM_REQUEST, sse=True), 64),
+    Scenario("big_c8", f"1 MiB request body ({len(BIG_REQUEST)} B)", RequestKind("big", BIG_REQUEST, sse=False), 8),
+]
+
+
+def run_scenarios(h: Harness, warmup: float, duration: float, log: Callable[[str], None]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for sc in SCENARIOS:
+        results[sc.key] = {"title": sc.title, "concurrency": sc.concurrency}
+        for target in ("direct", "gateway"):
+            log(f"  {sc.key:10} {target:8} c={sc.concurrency} ...")
+            res = h.run_load(target, [sc.kind], sc.concurrency, warmup, duration)
+            if target == "gateway" and res["requests"]:
+                res["gw_cpu_us_per_req"] = round(res["cpu_s"]["gateway"] * 1e6 / res["requests"], 1)
+            results[sc.key][target] = res
+            log(f"      {res['rps']:>10,.1f} req/s  p50 {res['p50_ms']} ms  p99 {res['p99_ms']} ms"
+                f"  errors {res['errors']}")
+        d, g = results[sc.key]["direct"], results[sc.key]["gateway"]
+        results[sc.key]["direct_over_gateway"] = round(d["rps"] / g["rps"], 1) if g["rps"] else None
+    return results
+
+
+def _wait_upstream_streams_closed(h: Harness, timeout: float) -> int:
+    """Poll the fake upstream until no stream is active; return how many are still active."""
+    deadline = time.monotonic() + timeout
+    while (left := h.upstream_stats()["active_streams"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def measure_open_streams(h: Harness, n: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Gateway RSS with ``n`` slow streams open through it, and whether upstream streams end after.
+
+    Run on a fresh gateway: after the heavy scenarios the heap holds freed memory that new streams
+    would reuse, hiding their cost.  A light warm-up (a few requests and streams) first loads the
+    code paths and the connection pool.
+    """
+    log(f"  memory: warm-up, then {n} slow streams held open through the gateway ...")
+    h.run_load("gateway", [SCENARIOS[0].kind, SCENARIOS[2].kind], concurrency=4, warmup=0, duration=0.5)
+    h.loadgen("hold", port=h.gateway_port, n=min(8, n))
+    h.loadgen("release")
+    _wait_upstream_streams_closed(h, 5.0)
+    time.sleep(0.5)
+    before_kb = rss_kb(h.gateway_pid)
+    fds_before = fd_count(h.gateway_pid)
+    held = h.loadgen("hold", port=h.gateway_port, n=n)
+    with_kb = 0
+    for _ in range(5):                     # let allocations settle, keep the highest reading
+        time.sleep(0.3)
+        with_kb = max(with_kb, rss_kb(h.gateway_pid))
+    fds_open = fd_count(h.gateway_pid)
+    upstream_open = h.upstream_stats()["active_streams"]
+    h.loadgen("release")
+    left = _wait_upstream_streams_closed(h, 5.0)   # a gateway that notices the client leaving stops upstream
+    time.sleep(0.5)
+    opened = held["opened"]
+    return {
+        "streams": n, "opened": opened, "open_errors": held["errors"], "open_s": held["open_s"],
+        "rss_before_kb": before_kb, "rss_with_streams_kb": with_kb,
+        "kb_per_stream": round((with_kb - before_kb) / opened, 1) if opened else None,
+        "fds_before": fds_before, "fds_with_streams": fds_open,
+        "upstream_streams_open": upstream_open, "upstream_streams_left_5s_after_hangup": left,
+        "rss_after_release_kb": rss_kb(h.gateway_pid), "fds_after_release": fd_count(h.gateway_pid),
+    }
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+def _f(v: Any, digits: int = 1) -> str:
+    """Format a number for the table; None/NaN as '-'."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if isinstance(v, (int, float)):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def _mb(kb: Any) -> str:
+    return "-" if not kb else f"{kb / 1024:,.1f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    meta, sc = report["meta"], report["scenarios"]
+    lines = [
+        "## llm-gateway benchmark", "",
+        f"- gateway: `{meta['gateway_cmd']}` workers={meta['workers'] or 'default'}, "
+        f"CPUs {meta['gateway_cpus'] or 'any'} (pinned: {meta['pinned']['gateway']}); "
+        f"fake upstream + load generator on CPUs {meta['aux_cpus'] or 'any'} (pinned: {meta['pinned']['aux']})",
+        f"- each run: {meta['warmup_s']} s warm-up, then a {meta['duration_s']} s measured window; "
+        f"SSE gap between upstream events: {meta['sse_gap_ms']} ms (0 = next loop turn)",
+        f"- {meta['cpu_model']}, {meta['cpus']} CPUs, Python {meta['python']}, {meta['date']}", "",
+        "### Direct capacity (load generator -> fake upstream, no gateway)", "",
+    ]
+    cap = report["direct_capacity"]
+    verdict = "OK, the gateway is the bottleneck" if cap["ratio"] and cap["ratio"] >= 5 else \
+        "WARNING: below 5x, the harness may limit the gateway figures"
+    lines += [f"small chat at concurrency 64: **{_f(cap['direct_rps'])} req/s** direct vs "
+              f"{_f(cap['gateway_rps'])} req/s through the gateway = **{_f(cap['ratio'])}x** ({verdict})", ""]
+
+    lines += ["### Throughput, latency and cost per scenario", "",
+              "| scenario | path | conc | req/s | p50 ms | p99 ms | gw CPU µs/req | gw CPU % | "
+              "gw peak RSS MiB | aux CPU % | errors |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for key, s in sc.items():
+        for target in ("direct", "gateway"):
+            r = s[target]
+            aux = r["cpu_pct"].get("loadgen", 0) + r["cpu_pct"].get("upstream", 0)
+            lines.append(
+                f"| {s['title'] if target == 'direct' else ''} | {target} | {s['concurrency']} | {_f(r['rps'])} | "
+                f"{_f(r['p50_ms'], 3)} | {_f(r['p99_ms'], 3)} | {_f(r.get('gw_cpu_us_per_req'))} | "
+                f"{_f(r['cpu_pct'].get('gateway'))} | {_mb(r.get('gw_peak_rss_kb'))} | {_f(aux)} | "
+                f"{r['errors']}{' ' + json.dumps(r['error_kinds']) if r['errors'] else ''} |")
+    lines.append("")
+    ratios = ", ".join(f"{k} {_f(s['direct_over_gateway'])}x" for k, s in sc.items())
+    lines += [f"direct / gateway throughput: {ratios}", ""]
+    sse = sc.get("sse_c64")
+    if sse:
+        g = sse["gateway"]
+        lines += [f"SSE through the gateway: {_f(g['rps'])} streams/s = "
+                  f"{_f(g['rps'] * SSE_EXPECTED_EVENTS, 0)} events/s; every stream checked for "
+                  f"{SSE_EXPECTED_EVENTS} events, {SSE_BODY_LEN} B and the final [DONE].", ""]
+
+    lat = report["latency_c1"]
+    lines += ["### Added latency at concurrency 1", "",
+              "| | p50 ms | p99 ms |", "|---|--:|--:|",
+              f"| direct | {_f(lat['direct_p50_ms'], 3)} | {_f(lat['direct_p99_ms'], 3)} |",
+              f"| through gateway | {_f(lat['gateway_p50_ms'], 3)} | {_f(lat['gateway_p99_ms'], 3)} |",
+              f"| **added by gateway** | **{_f(lat['added_p50_ms'], 3)}** | **{_f(lat['added_p99_ms'], 3)}** |", ""]
+
+    mem = report["memory"]
+    st = mem["open_streams"]
+    lines += ["### Memory", "",
+              "| gateway RSS | MiB |", "|---|--:|",
+              f"| at rest (after start, before any load) | {_mb(mem['rss_at_rest_kb'])} |",
+              f"| after a light warm-up (a few requests and streams) | {_mb(st['rss_before_kb'])} |",
+              f"| with {st['opened']}/{st['streams']} slow streams open | {_mb(st['rss_with_streams_kb'])} |",
+              f"| after those clients hung up | {_mb(st['rss_after_release_kb'])} |",
+              f"| at the end, after all scenarios | {_mb(mem['rss_after_scenarios_kb'])} |", "",
+              f"**{_f(st['kb_per_stream'])} KB per open stream**; gateway fds {st['fds_before']} -> "
+              f"{st['fds_with_streams']} with streams -> {st['fds_after_release']} after hang-up; "
+              f"upstream streams open {st['upstream_streams_open']}, still open 5 s after the clients "
+              f"hung up: {st['upstream_streams_left_5s_after_hangup']}"
+              + (" (the gateway does not cancel upstream requests of departed clients)"
+                 if st["upstream_streams_left_5s_after_hangup"] else ""), ""]
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    for line in (_read("/proc/cpuinfo") or b"").decode().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short windows (about 45 s in all)")
+    ap.add_argument("--duration", type=float, help="measured window per run, seconds (default 10, quick 3)")
+    ap.add_argument("--warmup", type=float, help="warm-up per run, seconds (default 2, quick 1)")
+    ap.add_argument("--json", metavar="FILE", help="write the JSON report here instead of stdout")
+    ap.add_argument("--gateway-cmd", default=os.environ.get("GATEWAY_CMD", "python gateway.py"),
+                    help="command to run the gateway; --host/--port are appended (env GATEWAY_CMD)")
+    ap.add_argument("--workers", type=int, help="pass --workers N to the gateway (default: not passed, 1)")
+    ap.add_argument("--gateway-cpus", default="0", help="CPUs for the gateway, e.g. 0 or 0,1; 'none' = no pin")
+    ap.add_argument("--aux-cpus", default="1", help="CPUs for fake upstream + load generator")
+    ap.add_argument("--streams", type=int, default=200, help="slow streams held open for memory per stream")
+    ap.add_argument("--sse-gap-ms", type=float, default=0.0,
+                    help="pause between upstream SSE events (default 0: next event loop turn)")
+    args = ap.parse_args(argv)
+    duration = args.duration or (3.0 if args.quick else 10.0)
+    warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    harness = Harness(gateway_cmd=args.gateway_cmd, workers=args.workers,
+                      gateway_cpus=parse_cpus(args.gateway_cpus), aux_cpus=parse_cpus(args.aux_cpus),
+                      sse_gap=args.sse_gap_ms / 1000)
+    t0 = time.monotonic()
+    log(f"starting fake upstream, load generator and `{args.gateway_cmd}` ...")
+    with harness as h:
+        time.sleep(0.5)
+        rest_kb = rss_kb(h.gateway_pid)
+        rest_fds = fd_count(h.gateway_pid)
+        streams = measure_open_streams(h, args.streams, log)
+        scenarios = run_scenarios(h, warmup, duration, log)
+        end_kb = rss_kb(h.gateway_pid)
+        gateway_alive = h.gateway is not None and h.gateway.poll() is None
+        log_tail = h.gateway_log_tail()
+        upstream = h.upstream_stats()
+    small = scenarios["small_c64"]
+    c1 = scenarios["small_c1"]
+    report = {
+        "meta": {
+            "gateway_cmd": args.gateway_cmd, "workers": args.workers,
+            "gateway_cpus": args.gateway_cpus, "aux_cpus": args.aux_cpus, "pinned": harness.pinned,
+            "warmup_s": warmup, "duration_s": duration, "sse_gap_ms": args.sse_gap_ms,
+            "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": round(time.monotonic() - t0, 1),
+            "request_bytes": {"small": len(SMALL_REQUEST), "stream": len(STREAM_REQUEST), "big": len(BIG_REQUEST)},
+            "response_bytes": {"json": len(JSON_ANSWER), "sse": SSE_BODY_LEN, "sse_events": SSE_EXPECTED_EVENTS},
+        },
+        "direct_capacity": {"direct_rps": small["direct"]["rps"], "gateway_rps": small["gateway"]["rps"],
+                            "ratio": small["direct_over_gateway"]},
+        "scenarios": scenarios,
+        "latency_c1": {
+            "direct_p50_ms": c1["direct"]["p50_ms"], "direct_p99_ms": c1["direct"]["p99_ms"],
+            "gateway_p50_ms": c1["gateway"]["p50_ms"], "gateway_p99_ms": c1["gateway"]["p99_ms"],
+            "added_p50_ms": round(c1["gateway"]["p50_ms"] - c1["direct"]["p50_ms"], 3),
+            "added_p99_ms": round(c1["gateway"]["p99_ms"] - c1["direct"]["p99_ms"], 3),
+        },
+        "memory": {"rss_at_rest_kb": rest_kb, "fds_at_rest": rest_fds, "open_streams": streams,
+                   "rss_after_scenarios_kb": end_kb},
+        "upstream_stats": upstream,
+        "gateway_alive_at_end": gateway_alive,
+    }
+    for s in scenarios.values():          # keep the JSON readable
+        for target in ("direct", "gateway"):
+            s[target].pop("per_kind", None)
+    print(markdown_report(report))
+    if not gateway_alive:
+        print(f"\nWARNING: the gateway died during the run; log tail:\n{log_tail}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"JSON report written to {args.json}")
+    else:
+        print("\n### JSON\n\n```json\n" + json.dumps(report, indent=2) + "\n```")
+    total_errors = sum(s[t]["errors"] for s in scenarios.values() for t in ("direct", "gateway"))
+    return 1 if total_errors or not gateway_alive else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,947 @@
+"""The gateway's behaviour, as its users rely on it.
+
+Each test names one behaviour. Most run the gateway for real (uvicorn on 127.0.0.1, random port)
+in front of a scripted upstream server that is real too, and talk to it with httpx, raw sockets
+or the official `openai` SDK; unit tests that only need a mocked upstream use pytest-httpx.
+Section numbers refer to the behaviour contract (CONTRACT.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from pytest_httpx import HTTPXMock
+from starlette.testclient import TestClient
+
+import gateway
+from gateway import Settings, create_app, route_model
+
+ROOT = Path(__file__).parent
+TIMEOUT = httpx.Timeout(10.0)
+
+# ---------------------------------------------------------------------------------------------
+# Real servers on 127.0.0.1
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def eventually(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Wait, at most `timeout` seconds, until `condition()` is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.01)
+    return value
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    eventually(lambda: server.started or not thread.is_alive())
+    assert server.started, "server did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+Handler = Callable[["Seen", Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+@dataclass
+class Seen:
+    """A request as the upstream received it."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = [value for key, value in self.headers if key == name]
+        return ", ".join(values) if values else None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Upstream:
+    """A real OpenAI-compatible upstream whose answer each test scripts with `handler`."""
+
+    url: str = ""
+    handler: Handler | None = None
+    requests: list[Seen] = field(default_factory=list)
+    received: threading.Event = field(default_factory=threading.Event)
+    disconnected: threading.Event = field(default_factory=threading.Event)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        query = scope["query_string"].decode()
+        seen = Seen(
+            scope["method"],
+            scope["raw_path"].decode() + (f"?{query}" if query else ""),
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+            body,
+        )
+        self.requests.append(seen)
+        self.received.set()
+        await (self.handler or echo_completion)(seen, receive, send)
+
+    async def wait_for_disconnect(self, receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected.set()
+
+    @property
+    def last(self) -> Seen:
+        return self.requests[-1]
+
+
+def completion(model: str = "qwen2.5") -> dict:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    }
+
+
+def sse_chunks(model: str = "qwen2.5", words: tuple[str, ...] = ("Hel", "lo", "!")) -> list[bytes]:
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        event = {
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+    return [
+        chunk({"role": "assistant", "content": ""}),
+        *(chunk({"content": word}) for word in words),
+        chunk({}, "stop"),
+        b"data: [DONE]\n\n",
+    ]
+
+
+async def start(send: Any, status: int = 200, headers: list[tuple[str, str]] | None = None) -> None:
+    raw = [(k.encode(), v.encode()) for k, v in headers or []]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+
+
+def answer(status: int, body: bytes, headers: list[tuple[str, str]] | None = None) -> Handler:
+    """A handler that answers every request with this status, body and headers."""
+
+    async def handler(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, status, [("content-length", str(len(body))), *(headers or [])])
+        await send({"type": "http.response.body", "body": body})
+
+    return handler
+
+
+def stream(chunks: list[bytes], headers: list[tuple[str, str]] | None = None) -> Handler:
+    """A handler that streams `chunks` as server-sent events, one write each."""
+
+    async def handler(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, headers or [("content-type", "text/event-stream")])
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return handler
+
+
+async def echo_completion(seen: Seen, receive: Any, send: Any) -> None:
+    """The default upstream: a chat completion, or its stream when the request asks for one."""
+    payload = json.loads(seen.body) if seen.body else {}
+    if payload.get("stream"):
+        await stream(sse_chunks(payload.get("model", "")))(seen, receive, send)
+    elif seen.path.endswith("/embeddings"):
+        body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                "model": payload["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+        await answer(200, json.dumps(body).encode(), [("content-type", "application/json")])(seen, receive, send)
+    else:
+        body = json.dumps(completion(payload.get("model", ""))).encode()
+        await answer(200, body, [("content-type", "application/json")])(seen, receive, send)
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    fake = Upstream()
+    with serve(fake) as url:
+        fake.url = url
+        yield fake
+
+
+@pytest.fixture
+def gateway_with(upstream: Upstream) -> Iterator[Callable[..., str]]:
+    """Start a gateway whose backend `fake` (also the default) is the scripted upstream."""
+    with ExitStack() as stack:
+
+        def start_gateway(**env: str) -> str:
+            settings = Settings.from_env(
+                {"BACKENDS": f"fake={upstream.url}/v1", "DEFAULT_BACKEND": "fake", "GATEWAY_ID": "test-gw", **env}
+            )
+            return stack.enter_context(serve(create_app(settings)))
+
+        yield start_gateway
+
+
+@pytest.fixture
+def gw(gateway_with: Callable[..., str]) -> str:
+    """A gateway with default settings in front of the scripted upstream."""
+    return gateway_with()
+
+
+def post(url: str, path: str = "/v1/chat/completions", **kwargs: Any) -> httpx.Response:
+    kwargs.setdefault("json", {"model": "fake:qwen2.5", "messages": [{"role": "user", "content": "hi"}]})
+    return httpx.post(url + path, timeout=TIMEOUT, **kwargs)
+
+
+def error_of(response: httpx.Response) -> dict:
+    """The OpenAI-shaped error of a response, checked for its shape."""
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def sdk(base_url: str, api_key: str = "sk-client") -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Shape: the module, the command line, settings from the environment and .env
+# ---------------------------------------------------------------------------------------------
+
+
+def run_python(code: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    full_env = {k: v for k, v in os.environ.items() if not k.endswith(("_BASE_URL", "_API_KEY"))}
+    full_env.update(PYTHONPATH=str(ROOT), **(env or {}))
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_dotenv_file_in_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("OLLAMA_BASE_URL=http://ollama.lan:11434\n")
+    out = run_python("import gateway; print(gateway.SETTINGS.backends['ollama'].base_url)", tmp_path)
+    assert out == "http://ollama.lan:11434/v1"
+
+
+def test_dotenv_file_does_not_override_the_environment(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("OLLAMA_BASE_URL=http://from-dotenv:11434\n")
+    out = run_python(
+        "import gateway; print(gateway.SETTINGS.backends['ollama'].base_url)", tmp_path,
+        {"OLLAMA_BASE_URL": "http://from-env:11434"},
+    )
+    assert out == "http://from-env:11434/v1"
+
+
+def test_env_example_documents_every_setting() -> None:
+    source = (ROOT / "gateway.py").read_text()
+    example = (ROOT / ".env.example").read_text()
+    import re
+
+    read = set(re.findall(r'"([A-Z][A-Z_]+)"', source)) - {"GET", "POST"}
+    documented = set(re.findall(r"^#?\s*([A-Z][A-Z_]+)=", example, re.MULTILINE))
+    assert read <= documented, f"undocumented: {read - documented}"
+
+
+@contextmanager
+def running(command: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run the gateway as a user would, from a command line, until it answers /health."""
+    full_env = {**os.environ, "DEFAULT_BACKEND": "openai", **(env or {})}
+    process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        eventually(healthy, timeout=20)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.slow
+def test_python_gateway_py_serves_on_the_port_given() -> None:
+    port = free_port()
+    with running([sys.executable, "gateway.py", "--port", str(port)], port) as url:
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_port_comes_from_the_environment() -> None:
+    port = free_port()
+    with running([sys.executable, "gateway.py"], port, {"PORT": str(port), "HOST": "127.0.0.1"}) as url:
+        assert httpx.get(url + "/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_uvicorn_gateway_app_serves_the_gateway() -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "gateway:app", "--port", str(port)]
+    with running(command, port) as url:
+        assert httpx.get(url + "/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_workers_serve_with_one_shared_gateway_id() -> None:
+    port = free_port()
+    command = [sys.executable, "gateway.py", "--port", str(port), "--workers", "2"]
+    with running(command, port, {"GATEWAY_ID": ""}) as url:
+        with httpx.Client() as client:
+            # Different connections land on either worker; each must know the one id.
+            answers = {
+                httpx.post(url + "/v1/chat/completions", json={}, headers={"via": "1.1 llm-gateway-x"}).status_code
+                for _ in range(10)
+            }
+            assert answers == {400}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Backends and routing
+# ---------------------------------------------------------------------------------------------
+
+
+def settings(**env: str) -> Settings:
+    return Settings.from_env({"GATEWAY_ID": "test-gw", **env})
+
+
+def routed(model: str, **env: str) -> tuple[str, str]:
+    backend, upstream_model = route_model(model, settings(**env))
+    return backend.name, upstream_model
+
+
+def test_model_is_split_at_its_first_colon() -> None:
+    assert routed("ollama:qwen2.5:7b") == ("ollama", "qwen2.5:7b")
+
+
+def test_fine_tuned_openai_model_keeps_its_own_colons() -> None:
+    assert routed("openai:ft:gpt-4o-mini:acme::abc") == ("openai", "ft:gpt-4o-mini:acme::abc")
+
+
+def test_unprefixed_model_goes_whole_to_the_default_backend() -> None:
+    assert routed("gpt-4o-mini") == ("openai", "gpt-4o-mini")
+
+
+def test_unknown_prefix_goes_whole_to_the_default_backend() -> None:
+    assert routed("qwen2.5:7b", DEFAULT_BACKEND="ollama") == ("ollama", "qwen2.5:7b")
+
+
+def test_backends_setting_adds_backends() -> None:
+    assert routed("groq:llama-3.1-8b", BACKENDS="groq=https://api.groq.com/openai/v1") == ("groq", "llama-3.1-8b")
+
+
+def test_each_backend_takes_its_key_from_name_api_key() -> None:
+    configured = settings(BACKENDS="my-vllm=http://gpu:8000/v1", MY_VLLM_API_KEY="k1", OPENAI_API_KEY="k2")
+    assert configured.backends["my-vllm"].api_key == "k1"
+    assert configured.backends["openai"].api_key == "k2"
+    assert configured.backends["ollama"].api_key is None
+
+
+@pytest.mark.parametrize("url", ["http://box:11434", "http://box:11434/", "http://box:11434/v1", "http://box:11434/v1/"])
+def test_ollama_base_url_works_with_or_without_v1(url: str) -> None:
+    assert settings(OLLAMA_BASE_URL=url).backends["ollama"].base_url == "http://box:11434/v1"
+
+
+def test_openai_base_url_defaults_to_api_openai_com() -> None:
+    assert settings().backends["openai"].base_url == "https://api.openai.com/v1"
+
+
+def test_empty_default_backend_refuses_unprefixed_models_and_lists_backends() -> None:
+    with pytest.raises(gateway.GatewayError) as caught:
+        routed("gpt-4o-mini", DEFAULT_BACKEND="")
+    assert caught.value.status == 400
+    assert "'ollama:<model>'" in caught.value.message and "'openai:<model>'" in caught.value.message
+
+
+def test_empty_upstream_model_is_refused() -> None:
+    with pytest.raises(gateway.GatewayError) as caught:
+        routed("ollama:")
+    assert caught.value.status == 400 and caught.value.param == "model"
+
+
+def test_default_backend_must_name_a_backend() -> None:
+    with pytest.raises(gateway.ConfigError, match="DEFAULT_BACKEND"):
+        settings(DEFAULT_BACKEND="nope")
+
+
+def test_upstream_url_is_base_url_plus_path_after_v1(upstream: Upstream, gateway_with: Callable[..., str]) -> None:
+    url = gateway_with(BACKENDS=f"fake={upstream.url}/v1/")
+    post(url, "/v1/embeddings?api-version=2024", json={"model": "fake:nomic", "input": "x"})
+    assert upstream.last.path == "/v1/embeddings?api-version=2024"
+
+
+def test_model_name_never_changes_the_url(upstream: Upstream, gw: str) -> None:
+    post(gw, json={"model": "fake:a/b/../../c?x=1", "messages": []})
+    assert upstream.last.path == "/v1/chat/completions"
+    assert upstream.last.json()["model"] == "a/b/../../c?x=1"
+
+
+def test_unprefixed_request_reaches_the_default_backend(upstream: Upstream, gw: str) -> None:
+    response = post(gw, json={"model": "gpt-4o-mini", "messages": []})
+    assert response.status_code == 200 and upstream.last.json()["model"] == "gpt-4o-mini"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Endpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sdk_chat_completion_through_the_gateway(upstream: Upstream, gw: str) -> None:
+    reply = sdk(gw).chat.completions.create(model="fake:qwen2.5", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "Hello!"
+    assert upstream.last.json()["model"] == "qwen2.5"
+
+
+def test_sdk_streaming_chat_assembles_the_message(gw: str) -> None:
+    events = sdk(gw).chat.completions.create(
+        model="fake:qwen2.5", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    assert "".join(e.choices[0].delta.content or "" for e in events if e.choices) == "Hello!"
+
+
+def test_sdk_embeddings_through_the_gateway(upstream: Upstream, gw: str) -> None:
+    result = sdk(gw).embeddings.create(model="fake:nomic-embed-text", input="hello")
+    assert result.data[0].embedding == [0.1, 0.2]
+    assert upstream.last.path == "/v1/embeddings" and upstream.last.json()["model"] == "nomic-embed-text"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/responses", "/v1/moderations", "/v1/images/generations",
+                                  "/v1/audio/speech"])
+def test_every_post_endpoint_with_a_model_is_routed(upstream: Upstream, gw: str, path: str) -> None:
+    response = post(gw, path, json={"model": "fake:m", "input": "x"})
+    assert response.status_code == 200
+    assert upstream.last.path == path and upstream.last.json() == {"model": "m", "input": "x"}
+
+
+def models_upstream(ids: list[str]) -> Handler:
+    body = {"object": "list", "data": [{"id": i, "object": "model", "created": 1, "owned_by": "me"} for i in ids]}
+    return answer(200, json.dumps(body).encode(), [("content-type", "application/json")])
+
+
+def test_sdk_models_list_merges_backends_with_prefixed_ids(upstream: Upstream, gateway_with: Callable) -> None:
+    upstream.handler = models_upstream(["qwen2.5:7b", "llama3.2"])
+    url = gateway_with(BACKENDS=f"fake={upstream.url}/v1,other={upstream.url}/v1", OLLAMA_BASE_URL=dead_url(),
+                       OPENAI_BASE_URL=dead_url())
+    ids = {model.id for model in sdk(url).models.list()}
+    assert ids == {"fake:qwen2.5:7b", "fake:llama3.2", "other:qwen2.5:7b", "other:llama3.2"}
+
+
+def test_models_list_leaves_out_a_backend_that_is_down(upstream: Upstream, gateway_with: Callable) -> None:
+    upstream.handler = models_upstream(["m1"])
+    url = gateway_with(OLLAMA_BASE_URL=dead_url(), OPENAI_BASE_URL=dead_url())
+    response = httpx.get(url + "/v1/models", timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["data"]] == ["fake:m1"]
+
+
+def test_models_list_leaves_out_a_slow_backend(upstream: Upstream, gateway_with: Callable) -> None:
+    with silent_server() as silent:
+        upstream.handler = models_upstream(["m1"])
+        url = gateway_with(OLLAMA_BASE_URL=silent, OPENAI_BASE_URL=dead_url(), MODELS_TIMEOUT="0.3")
+        response = httpx.get(url + "/v1/models", timeout=TIMEOUT)
+    assert [m["id"] for m in response.json()["data"]] == ["fake:m1"]
+
+
+def test_models_are_asked_concurrently(upstream: Upstream, gateway_with: Callable) -> None:
+    both_asked = threading.Barrier(2, timeout=5)
+
+    async def handler(seen: Seen, receive: Any, send: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, both_asked.wait)
+        await models_upstream(["m"])(seen, receive, send)
+
+    upstream.handler = handler
+    url = gateway_with(BACKENDS=f"fake={upstream.url}/v1,other={upstream.url}/v1", OLLAMA_BASE_URL=dead_url(),
+                       OPENAI_BASE_URL=dead_url())
+    assert len(httpx.get(url + "/v1/models", timeout=TIMEOUT).json()["data"]) == 2
+
+
+def test_retrieve_model_answers_with_the_prefix_the_client_used(upstream: Upstream, gw: str) -> None:
+    upstream.handler = answer(200, b'{"id":"qwen2.5:7b","object":"model","created":1,"owned_by":"library"}')
+    model = sdk(gw).models.retrieve("fake:qwen2.5:7b")
+    assert model.id == "fake:qwen2.5:7b"
+    assert upstream.last.path == "/v1/models/qwen2.5%3A7b"
+
+
+def test_retrieve_model_url_encodes_the_upstream_model_as_last_segment(upstream: Upstream, gw: str) -> None:
+    upstream.handler = answer(200, b'{"id":"hf.co/org/model:Q4","object":"model"}')
+    response = httpx.get(gw + "/v1/models/fake:hf.co/org/model:Q4", timeout=TIMEOUT)
+    assert upstream.last.path == "/v1/models/hf.co%2Forg%2Fmodel%3AQ4"
+    assert response.json()["id"] == "fake:hf.co/org/model:Q4"
+
+
+def test_retrieve_model_passes_upstream_404_through(upstream: Upstream, gw: str) -> None:
+    body = b'{"error":{"message":"model \\"nope\\" not found","type":"api_error"}}'
+    upstream.handler = answer(404, body, [("content-type", "application/json")])
+    response = httpx.get(gw + "/v1/models/fake:nope", timeout=TIMEOUT)
+    assert (response.status_code, response.content) == (404, body)
+
+
+def test_health_answers_without_touching_any_backend(upstream: Upstream, gw: str) -> None:
+    response = httpx.get(gw + "/health")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    assert upstream.requests == []
+
+
+def test_unknown_path_is_an_openai_shaped_404(gw: str) -> None:
+    response = httpx.get(gw + "/v2/things")
+    assert response.status_code == 404 and "/v2/things" in error_of(response)["message"]
+
+
+def test_wrong_method_is_an_openai_shaped_405(gw: str) -> None:
+    response = httpx.get(gw + "/v1/chat/completions")
+    assert response.status_code == 405 and error_of(response)["type"] == "invalid_request_error"
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Passthrough: the request
+# ---------------------------------------------------------------------------------------------
+
+
+def test_only_the_model_changes_in_the_forwarded_body(upstream: Upstream, gw: str) -> None:
+    sent = {"model": "fake:qwen2.5", "messages": [{"role": "user", "content": "héllo \u2028 ✓"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "seed": 7,
+            "top_p": 0.5, "x_vendor_option": {"nested": [1, 2.5, None, True]}}
+    post(gw, json=sent)
+    assert upstream.last.json() == {**sent, "model": "qwen2.5"}
+    assert upstream.last.header("content-type") == "application/json"
+    assert upstream.last.header("content-length") == str(len(upstream.last.body))
+
+
+@pytest.mark.parametrize(
+    ("model", "path", "field"),
+    [("ollama:qwen2.5", "/v1/chat/completions", "max_tokens"),
+     ("openai:o3-mini", "/v1/chat/completions", "max_completion_tokens"),
+     ("openai:gpt-3.5-turbo-instruct", "/v1/completions", "max_tokens"),
+     ("fake:llama", "/v1/chat/completions", "max_tokens"),
+     ("fake:llama", "/v1/completions", "max_tokens")],
+)
+def test_default_max_tokens_goes_in_the_field_the_backend_honours(
+    upstream: Upstream, gateway_with: Callable, model: str, path: str, field: str
+) -> None:
+    base = f"{upstream.url}/v1"
+    url = gateway_with(DEFAULT_MAX_TOKENS="256", OLLAMA_BASE_URL=base, OPENAI_BASE_URL=base)
+    post(url, path, json={"model": model, "messages": []})
+    sent = upstream.last.json()
+    assert sent[field] == 256
+    assert {"max_tokens", "max_completion_tokens"} - {field} - sent.keys() == {"max_tokens", "max_completion_tokens"} - {field}
+
+
+@pytest.mark.parametrize("given", [{"max_tokens": 10}, {"max_tokens": None}, {"max_completion_tokens": 5}])
+def test_default_max_tokens_never_overrides_the_request(upstream: Upstream, gateway_with: Callable, given: dict) -> None:
+    url = gateway_with(DEFAULT_MAX_TOKENS="256")
+    post(url, json={"model": "fake:m", "messages": [], **given})
+    assert upstream.last.json() == {"model": "m", "messages": [], **given}
+
+
+def test_default_temperature_fills_only_a_missing_temperature(upstream: Upstream, gateway_with: Callable) -> None:
+    url = gateway_with(DEFAULT_TEMPERATURE="0.2")
+    post(url, json={"model": "fake:m", "messages": []})
+    assert upstream.last.json()["temperature"] == 0.2
+    post(url, json={"model": "fake:m", "messages": [], "temperature": None})
+    assert upstream.last.json()["temperature"] is None
+
+
+def test_defaults_leave_other_endpoints_alone(upstream: Upstream, gateway_with: Callable) -> None:
+    url = gateway_with(DEFAULT_TEMPERATURE="0.2", DEFAULT_MAX_TOKENS="256")
+    post(url, "/v1/embeddings", json={"model": "fake:m", "input": "x"})
+    assert upstream.last.json() == {"model": "m", "input": "x"}
+
+
+def test_without_defaults_set_nothing_is_added(upstream: Upstream, gw: str) -> None:
+    post(gw, json={"model": "fake:m", "messages": []})
+    assert upstream.last.json() == {"model": "m", "messages": []}
+
+
+def test_end_to_end_request_headers_are_forwarded(upstream: Upstream, gw: str) -> None:
+    post(gw, headers={"OpenAI-Organization": "org-1", "x-request-id": "abc", "user-agent": "MyApp/1.0",
+                      "accept-encoding": "gzip"})
+    seen = upstream.last
+    assert (seen.header("openai-organization"), seen.header("x-request-id")) == ("org-1", "abc")
+    assert (seen.header("user-agent"), seen.header("accept-encoding")) == ("MyApp/1.0", "gzip")
+
+
+def test_hop_by_hop_headers_are_not_forwarded_upstream(upstream: Upstream, gw: str) -> None:
+    post(gw, headers={"Connection": "keep-alive, X-Hop", "X-Hop": "1", "Keep-Alive": "timeout=5", "TE": "trailers",
+                      "Upgrade": "h2c", "Proxy-Authorization": "Basic eA==", "Proxy-Foo": "1"})
+    names = {name for name, _ in upstream.last.headers}
+    assert not names & {"x-hop", "keep-alive", "te", "upgrade", "proxy-authorization", "proxy-foo"}
+
+
+def test_host_cookies_and_client_credentials_are_not_forwarded(upstream: Upstream, gateway_with: Callable) -> None:
+    url = gateway_with(FAKE_API_KEY="sk-backend")
+    post(url, headers={"Cookie": "session=1", "Authorization": "Bearer sk-client", "x-api-key": "sk-client"})
+    seen = upstream.last
+    assert seen.header("cookie") is None and seen.header("x-api-key") is None
+    assert seen.header("authorization") == "Bearer sk-backend"
+    assert seen.header("host") == upstream.url.removeprefix("http://")
+
+
+def test_backend_key_replaces_the_clients_key(upstream: Upstream, gateway_with: Callable) -> None:
+    url = gateway_with(FAKE_API_KEY="sk-backend")
+    sdk(url, api_key="sk-client").chat.completions.create(model="fake:m", messages=[])
+    assert upstream.last.header("authorization") == "Bearer sk-backend"
+
+
+def test_backend_without_key_gets_the_clients_key(upstream: Upstream, gw: str) -> None:
+    sdk(gw, api_key="sk-own").chat.completions.create(model="fake:m", messages=[])
+    assert upstream.last.header("authorization") == "Bearer sk-own"
+
+
+def test_clients_key_is_not_forwarded_when_gateway_auth_is_on(upstream: Upstream, gateway_with: Callable) -> None:
+    url = gateway_with(GATEWAY_API_KEYS="gw-key")
+    sdk(url, api_key="gw-key").chat.completions.create(model="fake:m", messages=[])
+    assert upstream.last.header("authorization") is None
+
+
+def test_via_entry_is_added_and_earlier_entries_kept(upstream: Upstream, gw: str) -> None:
+    post(gw, headers={"Via": "1.1 edge-proxy"})
+    assert upstream.last.header("via") == "1.1 edge-proxy, 1.1 llm-gateway-test-gw"
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Passthrough: the response
+# ---------------------------------------------------------------------------------------------
+
+
+def test_response_body_bytes_reach_the_client_unchanged(upstream: Upstream, gw: str) -> None:
+    body = b'{"id": "x",   "odd":  "spacing\\u00e9", "n": 1.0e0}\n'
+    upstream.handler = answer(200, body, [("content-type", "application/json")])
+    assert post(gw).content == body
+
+
+def test_gzip_response_is_passed_through_undecoded(upstream: Upstream, gw: str) -> None:
+    compressed = gzip.compress(json.dumps(completion()).encode())
+    upstream.handler = answer(200, compressed, [("content-type", "application/json"), ("content-encoding", "gzip")])
+    with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m"},
+                      headers={"accept-encoding": "gzip"}, timeout=TIMEOUT) as response:
+        raw = b"".join(response.iter_raw())
+    assert response.headers["content-encoding"] == "gzip" and raw == compressed
+    assert upstream.last.header("accept-encoding") == "gzip"
+
+
+def test_gateway_does_not_ask_for_compression_the_client_did_not(upstream: Upstream, gw: str) -> None:
+    with socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10) as sock:
+        body = b'{"model": "fake:m"}'
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (len(body), body))
+        while sock.recv(65536):
+            pass
+    assert upstream.last.header("accept-encoding") is None
+
+
+def test_stream_chunks_arrive_unchanged_and_in_order(gw: str, upstream: Upstream) -> None:
+    chunks = sse_chunks(words=tuple(f"w{i} " for i in range(50)))
+    upstream.handler = stream(chunks)
+    with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m", "stream": True},
+                      timeout=TIMEOUT) as response:
+        received = b"".join(response.iter_raw())
+    assert received == b"".join(chunks)
+    assert response.headers["content-type"] == "text/event-stream"
+
+
+def test_first_chunk_reaches_the_client_while_the_upstream_still_sends(gw: str, upstream: Upstream) -> None:
+    go_on = threading.Event()
+
+    async def handler(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        await send({"type": "http.response.body", "body": b"data: first\n\n", "more_body": True})
+        await asyncio.get_running_loop().run_in_executor(None, go_on.wait, 10)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    upstream.handler = handler
+    with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m"},
+                      timeout=httpx.Timeout(5.0)) as response:
+        chunks = response.iter_raw()
+        assert next(chunks) == b"data: first\n\n"  # the upstream is still holding its last chunk
+        go_on.set()
+        assert b"".join(chunks) == b"data: [DONE]\n\n"
+
+
+def test_streaming_response_carries_x_accel_buffering_no(gw: str) -> None:
+    with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m", "stream": True},
+                      timeout=TIMEOUT) as response:
+        response.read()
+    assert response.headers["x-accel-buffering"] == "no"
+
+
+def test_upstream_error_reaches_the_client_unchanged_with_its_headers(upstream: Upstream, gw: str) -> None:
+    body = b'{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}'
+    headers = [("content-type", "application/json"), ("retry-after", "7"), ("x-ratelimit-remaining-requests", "0"),
+               ("x-ratelimit-reset-tokens", "6m0s"), ("x-request-id", "req_123"), ("openai-processing-ms", "12")]
+    upstream.handler = answer(429, body, headers)
+    response = post(gw)
+    assert (response.status_code, response.content) == (429, body)
+    for name, value in headers:
+        assert response.headers[name] == value
+
+
+def test_upstream_500_reaches_the_client_unchanged(upstream: Upstream, gw: str) -> None:
+    upstream.handler = answer(500, b"Internal Server Error: boom", [("content-type", "text/plain")])
+    response = post(gw)
+    assert (response.status_code, response.text) == (500, "Internal Server Error: boom")
+
+
+def test_sdk_sees_upstream_429_as_rate_limit_error(upstream: Upstream, gw: str) -> None:
+    upstream.handler = answer(429, b'{"error":{"message":"slow down","type":"requests"}}',
+                              [("content-type", "application/json"), ("retry-after", "1")])
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk(gw).chat.completions.create(model="fake:m", messages=[])
+    assert caught.value.response.headers["retry-after"] == "1"
+
+
+def test_hop_by_hop_and_set_cookie_are_not_passed_back(upstream: Upstream, gw: str) -> None:
+    upstream.handler = answer(200, b"{}", [("connection", "X-Hop"), ("x-hop", "1"), ("keep-alive", "timeout=5"),
+                                           ("set-cookie", "track=1"), ("proxy-authenticate", "Basic"),
+                                           ("x-kept", "yes")])
+    response = post(gw)
+    assert response.headers.get("x-kept") == "yes"
+    for name in ("x-hop", "keep-alive", "set-cookie", "proxy-authenticate"):
+        assert name not in response.headers
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b'{"messages": []}', "'model'"),
+     (b'{"model": 7}', "'model'"), (b'{"model": "m", "temperature": NaN}', "not valid JSON"),
+     (b"", "not valid JSON")],
+)
+def test_bad_request_bodies_get_a_400_that_says_what_to_change(gw: str, upstream: Upstream, body: bytes,
+                                                               says: str) -> None:
+    response = post(gw, json=None, content=body)
+    assert response.status_code == 400 and says in error_of(response)["message"]
+    assert error_of(response)["type"] == "invalid_request_error"
+    assert upstream.requests == []
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/v1"
+
+
+def test_unreachable_upstream_is_a_502_naming_backend_and_url(gateway_with: Callable) -> None:
+    dead = dead_url()
+    url = gateway_with(OLLAMA_BASE_URL=dead, OLLAMA_API_KEY="sk-secret-ollama")
+    response = post(url, json={"model": "ollama:qwen2.5", "messages": []})
+    assert response.status_code == 502
+    message = error_of(response)["message"]
+    assert "'ollama'" in message and f"{dead}/chat/completions" in message
+    assert "sk-secret-ollama" not in response.text
+    assert response.headers["x-gateway-backend"] == "ollama"
+
+
+def test_gateway_keeps_serving_after_an_unreachable_upstream(gateway_with: Callable) -> None:
+    url = gateway_with(OLLAMA_BASE_URL=dead_url())
+    assert post(url, json={"model": "ollama:qwen2.5"}).status_code == 502
+    assert post(url).status_code == 200
+
+
+@contextmanager
+def silent_server() -> Iterator[str]:
+    """A server that accepts connections and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def test_upstream_that_never_answers_is_a_504(gateway_with: Callable) -> None:
+    with silent_server() as silent:
+        url = gateway_with(OLLAMA_BASE_URL=silent, READ_TIMEOUT="0.3")
+        response = post(url, json={"model": "ollama:qwen2.5"})
+    assert response.status_code == 504 and error_of(response)["code"] == "upstream_timeout"
+
+
+def raw_request(gw: str, body: bytes) -> socket.socket:
+    """Send a chat request on a raw connection, so the test decides when the client goes away."""
+    sock = socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def test_client_disconnect_before_first_byte_closes_the_upstream_request(gw: str, upstream: Upstream) -> None:
+    async def thinking(seen: Seen, receive: Any, send: Any) -> None:
+        await upstream.wait_for_disconnect(receive)
+
+    upstream.handler = thinking
+    sock = raw_request(gw, b'{"model": "fake:m"}')
+    assert upstream.received.wait(5)
+    sock.close()
+    assert upstream.disconnected.wait(1.0)
+
+
+def test_client_disconnect_mid_stream_closes_the_upstream_request(gw: str, upstream: Upstream) -> None:
+    async def streaming(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
+        await upstream.wait_for_disconnect(receive)
+
+    upstream.handler = streaming
+    sock = raw_request(gw, b'{"model": "fake:m", "stream": true}')
+    assert b"data: one" in sock.recv(65536) or b"data: one" in sock.recv(65536)
+    sock.close()
+    assert upstream.disconnected.wait(1.0)
+
+
+def test_upstream_dying_mid_stream_aborts_the_clients_response(gw: str, upstream: Upstream) -> None:
+    async def dying(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
+        raise ConnectionAbortedError("upstream crashed")  # uvicorn drops the connection
+
+    upstream.handler = dying
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m"}, timeout=TIMEOUT) as r:
+            r.read()
+
+
+def test_sdk_stream_raises_when_the_upstream_dies_mid_stream(gw: str, upstream: Upstream) -> None:
+    async def dying(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        await send({"type": "http.response.body", "body": sse_chunks()[0], "more_body": True})
+        raise ConnectionAbortedError("upstream crashed")
+
+    upstream.handler = dying
+    with pytest.raises(openai.APIError):
+        list(sdk(gw).chat.completions.create(model="fake:m", messages=[], stream=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Observability
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def access_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
+    caplog.set_level(logging.INFO, logger="llm_gateway")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "llm_gateway" and "status=" in r.message]
+
+
+def test_one_log_line_per_request_with_its_facts(gw: str, access_log: Callable[[], list[str]]) -> None:
+    post(gw, json={"model": "fake:qwen2.5", "messages": []})
+    [line] = eventually(access_log)
+    assert line.startswith("POST /v1/chat/completions backend=fake model=qwen2.5 status=200 ttfb_ms=")
+    assert "total_ms=" in line and f"bytes={len(json.dumps(completion()))}" in line
+
+
+def test_log_line_for_an_error_the_gateway_made(gw: str, access_log: Callable[[], list[str]]) -> None:
+    post(gw, content=b"nope", json=None)
+    [line] = eventually(access_log)
+    assert "backend=- model=- status=400" in line
+
+
+def test_control_characters_in_logged_values_are_escaped(gw: str, access_log: Callable[[], list[str]]) -> None:
+    post(gw, json={"model": "fake:evil\nFAKE LINE status=200", "messages": []})
+    post(gw, "/v1/x%0Aforged")
+    lines = eventually(lambda: len(access_log()) == 2 and access_log())
+    assert not any("\n" in line for line in lines)
+    assert "evil\\nFAKE LINE" in lines[0] and "/v1/x\\nforged" in lines[1]
+
+
+def test_log_level_setting_silences_access_lines(tmp_path: Path) -> None:
+    out = run_python("import gateway, logging; print(gateway.logger.isEnabledFor(logging.INFO))", tmp_path,
+                     {"LOG_LEVEL": "warning"})
+    assert out == "False"
+
+
+def test_responses_carry_the_chosen_backend(gw: str) -> None:
+    assert post(gw).headers["x-gateway-backend"] == "fake"
+
+
+def test_client_disconnect_is_logged(gw: str, upstream: Upstream, access_log: Callable[[], list[str]]) -> None:
+    async def thinking(seen: Seen, receive: Any, send: Any) -> None:
+        await upstream.wait_for_disconnect(receive)
+
+    upstream.handler = thinking
+    sock = raw_request(gw, b'{"model": "fake:m"}')
+    assert upstream.received.wait(5)
+    sock.close()
+    [line] = eventually(access_log)
+    assert "(client disconnected)" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit tests with a mocked upstream (pytest-httpx)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mocked_gateway() -> Iterator[TestClient]:
+    app = create_app(settings(BACKENDS="vllm=http://vllm.test/v1", DEFAULT_BACKEND="vllm"))
+    with TestClient(app) as client:
+        yield client
+
+
+def test_mocked_upstream_sees_the_rewritten_request(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
+    httpx_mock.add_response(url="http://vllm.test/v1/chat/completions", json=completion("llama"))
+    response = mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama", "messages": []})
+    assert response.json()["model"] == "llama"
+    assert json.loads(httpx_mock.get_request().content) == {"model": "llama", "messages": []}
+
+
+def test_mocked_upstream_timeout_is_a_504(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
+    httpx_mock.add_exception(httpx.ReadTimeout("timed out"))
+    response = mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama"})
+    assert response.status_code == 504 and "'vllm'" in error_of(response)["message"]
+
+
+def test_mocked_connect_timeout_is_a_504(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
+    httpx_mock.add_exception(httpx.ConnectTimeout("timed out"))
+    assert mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama"}).status_code == 504
