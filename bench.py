@@ -253,9 +253,26 @@ def fd_count(root: int) -> int:
     return total
 
 
+_TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+               "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
+               "0B": "CLOSING"}
+
+
+def tcp_states_by_inode() -> dict[str, str]:
+    """Socket inode -> TCP state name, from /proc/net/tcp{,6}."""
+    states = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in (_read(table) or b"").decode().splitlines()[1:]:
+            cols = line.split()
+            if len(cols) > 9:
+                states[cols[9]] = _TCP_STATES.get(cols[3], cols[3])
+    return states
+
+
 def fd_kinds(root: int) -> dict[str, int]:
-    """Open fds by kind (socket, pipe, anon_inode:[eventpoll], file...) to explain a difference."""
+    """Open fds by kind (socket:ESTABLISHED, socket:CLOSE_WAIT, pipe, file...) to explain a difference."""
     kinds: collections.Counter[str] = collections.Counter()
+    tcp = tcp_states_by_inode()
     for pid in process_tree(root):
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -270,8 +287,10 @@ def fd_kinds(root: int) -> dict[str, int]:
                 kinds["file"] += 1
             elif target.startswith("anon_inode:"):
                 kinds[target] += 1
+            elif target.startswith("socket:["):
+                kinds["socket:" + tcp.get(target[8:-1], "other")] += 1
             else:
-                kinds[target.split(":")[0]] += 1        # socket:[123] -> socket
+                kinds[target.split(":")[0]] += 1        # pipe:[123] -> pipe
     return dict(sorted(kinds.items()))
 
 
@@ -403,18 +422,25 @@ class _UpstreamConn(asyncio.Protocol):
         self._stream_step()
 
     def _stream_step(self) -> None:
-        """Write one event, then come back later (or on the next loop turn)."""
+        """Write the next event and come back after the gap; with no gap, write them all now.
+
+        Without a gap every event is still its own ``write`` (its own send() and TCP segment),
+        but back to back: yielding to the loop between events would double the harness's cost
+        per stream, while a gateway slower than the upstream reads the same coalesced bytes.
+        """
         self.handle = None
         if self.stream_pos is None or self.paused:
             return
-        self.transport.write(_SSE_FRAMES[self.stream_pos])
-        self.stream_pos += 1
-        if self.stream_pos < len(_SSE_FRAMES):
+        while True:
+            self.transport.write(_SSE_FRAMES[self.stream_pos])
+            self.stream_pos += 1
+            if self.stream_pos == len(_SSE_FRAMES):
+                break
             if self.stream_gap:
                 self.handle = self.loop.call_later(self.stream_gap, self._stream_step)
-            else:
-                self.handle = self.loop.call_soon(self._stream_step)
-            return
+                return
+            if self.paused:          # resume_writing() picks up from here
+                return
         self.transport.write(_CHUNKED_END)
         self.stream_pos = None
         self.last_active = self.loop.time()
@@ -609,7 +635,7 @@ class _Watch:
             self.sample_rss()
             hwm = status_kb(gw, "VmHWM") if self.peak_reset else 0
             out.update(gw_rss_start_kb=self.rss_start, gw_rss_end_kb=self.timeline[-1],
-                       gw_peak_rss_kb=max(hwm, self.rss_max), gw_workers=len(gw))
+                       gw_peak_rss_kb=max(hwm, self.rss_max), gw_workers=len(gw), rss_timeline=self.timeline)
         return out
 
 
@@ -966,11 +992,14 @@ class Harness:
         return {"gateway": self.gateway_pid, "upstream": self.procs[0].pid, "loadgen": self.procs[1].pid}
 
     def run_load(self, target: str, kinds: list[RequestKind], concurrency: int, warmup: float,
-                 duration: float, timeout: float = 30.0) -> dict[str, Any]:
-        """One warm-up + measured window against ``target`` ('direct' or 'gateway')."""
+                 duration: float, **options: Any) -> dict[str, Any]:
+        """One warm-up + measured window against ``target`` ('direct' or 'gateway').
+
+        ``options`` are further ``LoadSpec`` fields (timeout, rss_every).
+        """
         port = self.gateway_port if target == "gateway" else self.upstream_port
         spec = LoadSpec(port=port, kinds=kinds, concurrency=concurrency, warmup=warmup,
-                        duration=duration, watch=self.watch(), timeout=timeout)
+                        duration=duration, watch=self.watch(), **options)
         return self.loadgen("run", spec=spec)
 
 
@@ -1082,7 +1111,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"CPUs {meta['gateway_cpus'] or 'any'} (pinned: {meta['pinned']['gateway']}); "
         f"fake upstream + load generator on CPUs {meta['aux_cpus'] or 'any'} (pinned: {meta['pinned']['aux']})",
         f"- each run: {meta['warmup_s']} s warm-up, then a {meta['duration_s']} s measured window; "
-        f"SSE gap between upstream events: {meta['sse_gap_ms']} ms (0 = next loop turn)",
+        f"SSE gap between upstream events: {meta['sse_gap_ms']} ms (0 = back to back, one write each)",
         f"- {meta['cpu_model']}, {meta['cpus']} CPUs, Python {meta['python']}, {meta['date']}", "",
         "### Direct capacity (load generator -> fake upstream, no gateway)", "",
     ]
@@ -1161,7 +1190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aux-cpus", default="1", help="CPUs for fake upstream + load generator")
     ap.add_argument("--streams", type=int, default=200, help="slow streams held open for memory per stream")
     ap.add_argument("--sse-gap-ms", type=float, default=0.0,
-                    help="pause between upstream SSE events (default 0: next event loop turn)")
+                    help="pause between upstream SSE events (default 0: back to back, one write each)")
     args = ap.parse_args(argv)
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
@@ -1213,6 +1242,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in scenarios.values():          # keep the JSON readable
         for target in ("direct", "gateway"):
             s[target].pop("per_kind", None)
+            s[target].pop("rss_timeline", None)
     print(markdown_report(report))
     if not gateway_alive:
         print(f"\nWARNING: the gateway died during the run; log tail:\n{log_tail}")

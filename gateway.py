@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import json
 import logging
 import os
 import re
@@ -127,8 +128,8 @@ def public_url(url: str) -> str:
 
 def _backend(env: Mapping[str, str], name: str, url: str) -> Backend:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"backend {name!r} needs an http(s) URL, got {public_url(url)!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"backend {name!r} needs an http(s) URL without query or fragment, got {public_url(url)!r}")
     key = env.get(name.upper().replace("-", "_") + "_API_KEY", "").strip() or None
     return Backend(name=name, base_url=url.rstrip("/"), api_key=key)
 
@@ -270,16 +271,28 @@ def _too_large(limit: int) -> GatewayError:
 
 
 def parse_payload(body: bytes) -> dict[str, Any]:
-    """The JSON object of a request, strictly per RFC 8259 (no NaN, no overflowing numbers)."""
+    """The JSON object of a request, strictly per RFC 8259: no NaN, no overflowing numbers, no
+    nesting deeper than 1024, and no second `model` that another parser might read instead."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise GatewayError(400, f"request body is not valid JSON ({exc}); send a JSON object") from None
+        raise GatewayError(
+            400, f"request body is not valid JSON ({exc}); send a JSON object with Content-Type: application/json"
+        ) from None
     if not isinstance(payload, dict):
         raise GatewayError(400, "request body must be a JSON object, like {\"model\": ..., ...}")
     if not isinstance(payload.get("model"), str):
         raise GatewayError(400, "request body needs a string 'model', like \"ollama:qwen2.5\"", param="model")
+    if body.count(b'"model"') > 1 and _has_two_models(body):
+        raise GatewayError(400, "request body has 'model' more than once; send it once", param="model")
     return payload
+
+
+def _has_two_models(body: bytes) -> bool:
+    """Whether the top-level object names `model` twice (rare, so the slower parser is fine)."""
+    counts: list[int] = []
+    json.loads(body, object_pairs_hook=lambda pairs: counts.append(sum(k == "model" for k, _ in pairs)))
+    return counts[-1] > 1  # the top-level object is the last one to close
 
 
 def fill_defaults(payload: dict[str, Any], backend: Backend, path: str, settings: Settings) -> None:
@@ -659,6 +672,16 @@ app = create_app(SETTINGS)
 # ---------------------------------------------------------------------------------------------
 
 
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
+
+
+def points_at(url: str, host: str, port: int) -> bool:
+    """Whether `url` names the address the gateway itself listens on."""
+    parts = urlsplit(url)
+    same_host = parts.hostname == host or (parts.hostname in LOCAL_HOSTS and host in LOCAL_HOSTS)
+    return same_host and (parts.port or {"http": 80, "https": 443}[parts.scheme]) == port
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python gateway.py` / `llm-gateway`: serve the gateway with uvicorn."""
     parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__.splitlines()[0])
@@ -666,6 +689,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--workers", type=int, default=1, help="processes to serve with; about one per core")
     args = parser.parse_args(argv)
+    for backend in SETTINGS.backends.values():
+        if points_at(backend.base_url, args.host, args.port):
+            logger.warning(
+                "backend %s at %s points at this gateway itself: its requests will loop (and get 508)",
+                backend.name, backend.safe_url,
+            )
     uvicorn.run(
         "gateway:app" if args.workers > 1 else app,
         host=args.host, port=args.port, workers=args.workers,

@@ -58,11 +58,17 @@ def eventually(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
     return value
 
 
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn in a thread; yield its base URL."""
+def bound_socket(port: int = 0) -> socket.socket:
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+@contextmanager
+def serve(app: Any, sock: socket.socket | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread; yield its base URL."""
+    sock = sock or bound_socket()
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -292,8 +298,10 @@ def test_env_example_documents_every_setting() -> None:
 
 
 @contextmanager
-def running(command: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run the gateway as a user would, from a command line, until it answers /health."""
+def running(
+    command: list[str], port: int, env: dict[str, str] | None = None, output: list[str] | None = None
+) -> Iterator[str]:
+    """Run the gateway as a user would, from a command line; its output goes to `output` at the end."""
     full_env = {**os.environ, "DEFAULT_BACKEND": "openai", **(env or {})}
     process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -310,7 +318,9 @@ def running(command: list[str], port: int, env: dict[str, str] | None = None) ->
         yield url
     finally:
         process.terminate()
-        process.wait(10)
+        stdout, _ = process.communicate(timeout=10)
+        if output is not None:
+            output.append(stdout.decode())
 
 
 @pytest.mark.slow
@@ -945,3 +955,219 @@ def test_mocked_upstream_timeout_is_a_504(httpx_mock: HTTPXMock, mocked_gateway:
 def test_mocked_connect_timeout_is_a_504(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
     httpx_mock.add_exception(httpx.ConnectTimeout("timed out"))
     assert mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama"}).status_code == 504
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Safety: gateway keys
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def locked(gateway_with: Callable[..., str]) -> str:
+    """A gateway that wants one of two keys."""
+    return gateway_with(GATEWAY_API_KEYS="gw-key-1, gw-key-2")
+
+
+def test_request_without_gateway_key_gets_401(locked: str, upstream: Upstream) -> None:
+    response = post(locked)
+    assert response.status_code == 401 and error_of(response)["type"] == "authentication_error"
+    assert "GATEWAY_API_KEYS" in error_of(response)["message"] and upstream.requests == []
+
+
+def test_request_with_a_wrong_gateway_key_gets_401(locked: str) -> None:
+    assert post(locked, headers={"authorization": "Bearer gw-key-3"}).status_code == 401
+
+
+@pytest.mark.parametrize("headers", [{"authorization": "Bearer gw-key-1"}, {"authorization": "bearer gw-key-2"},
+                                     {"x-api-key": "gw-key-2"}])
+def test_gateway_key_is_accepted_as_bearer_or_x_api_key(locked: str, headers: dict) -> None:
+    assert post(locked, headers=headers).status_code == 200
+
+
+def test_sdk_authenticates_with_a_gateway_key(locked: str) -> None:
+    assert sdk(locked, api_key="gw-key-2").chat.completions.create(model="fake:m", messages=[]).choices
+
+
+def test_health_is_open_when_gateway_keys_are_set(locked: str) -> None:
+    assert httpx.get(locked + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/fake:m"])
+def test_model_listings_need_a_gateway_key(locked: str, path: str) -> None:
+    assert httpx.get(locked + path).status_code == 401
+
+
+def test_gateway_key_sent_as_x_api_key_is_not_forwarded(locked: str, upstream: Upstream) -> None:
+    post(locked, headers={"x-api-key": "gw-key-1"})
+    assert upstream.last.header("x-api-key") is None and upstream.last.header("authorization") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Safety: body size
+# ---------------------------------------------------------------------------------------------
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes or pauses for 5 s."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+        if b"\r\n\r\n" in data and data.split(b"\r\n\r\n", 1)[1].endswith(b"}"):
+            break
+    return data
+
+
+def test_declared_body_over_the_limit_gets_413_before_it_is_sent(gateway_with: Callable, upstream: Upstream) -> None:
+    url = gateway_with(MAX_BODY_BYTES="1000")
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000000\r\n\r\n")
+        answer_ = read_response(sock)
+    assert answer_.startswith(b"HTTP/1.1 413") and b"MAX_BODY_BYTES" in answer_
+    assert upstream.requests == []
+
+
+def test_chunked_body_over_the_limit_gets_413(gateway_with: Callable, upstream: Upstream) -> None:
+    url = gateway_with(MAX_BODY_BYTES="1000")
+    pieces = (b'{"model": "fake:m", "pad": "' + b"x" * 480 + b'"}' for _ in range(200))  # 100 times the limit
+    response = httpx.post(url + "/v1/chat/completions", content=pieces, timeout=TIMEOUT)
+    assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
+    assert upstream.requests == []
+
+
+def test_chunked_body_within_the_limit_is_forwarded(gateway_with: Callable, upstream: Upstream) -> None:
+    url = gateway_with(MAX_BODY_BYTES="1000")
+    pieces = [b'{"model": ', b'"fake:m", ', b'"messages": []}']
+    response = httpx.post(url + "/v1/chat/completions", content=iter(pieces), timeout=TIMEOUT)
+    assert response.status_code == 200 and upstream.last.json() == {"model": "m", "messages": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Safety: loops
+# ---------------------------------------------------------------------------------------------
+
+
+def test_backend_pointing_back_at_the_gateway_gets_508() -> None:
+    sock = bound_socket()
+    myself = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    app = create_app(settings(BACKENDS=f"self={myself}", DEFAULT_BACKEND=""))
+    with serve(app, sock) as url:
+        response = post(url, json={"model": "self:m", "messages": []})
+    assert response.status_code == 508 and error_of(response)["code"] == "loop_detected"
+
+
+def test_request_carrying_this_gateways_via_entry_gets_508(gw: str, upstream: Upstream) -> None:
+    response = post(gw, headers={"via": "1.1 proxy, 1.1 llm-gateway-test-gw"})
+    assert response.status_code == 508 and upstream.requests == []
+
+
+def test_chain_of_two_gateways_works(upstream: Upstream) -> None:
+    inner_app = create_app(settings(BACKENDS=f"fake={upstream.url}/v1", GATEWAY_ID="inner"))
+    with serve(inner_app) as inner:
+        outer_app = create_app(settings(BACKENDS=f"inner={inner}/v1", GATEWAY_ID="outer"))
+        with serve(outer_app) as outer:
+            response = post(outer, json={"model": "inner:fake:m", "messages": []})
+    assert response.status_code == 200 and upstream.last.json()["model"] == "m"
+    assert upstream.last.header("via") == "1.1 llm-gateway-outer, 1.1 llm-gateway-inner"
+
+
+@pytest.mark.slow
+def test_start_up_warns_when_a_backend_points_at_the_gateway() -> None:
+    port = free_port()
+    output: list[str] = []
+    env = {"BACKENDS": f"loop=http://localhost:{port}/v1", "LOG_LEVEL": "warning"}
+    with running([sys.executable, "gateway.py", "--port", str(port)], port, env, output):
+        pass
+    assert f"backend loop at http://localhost:{port}/v1 points at this gateway itself" in output[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Safety: timeouts and concurrency
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def full_backlog_server() -> Iterator[str]:
+    """A server whose accept queue is full, so that new connections hang in their handshake."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+
+
+def test_connect_timeout_is_a_504(gateway_with: Callable) -> None:
+    with full_backlog_server() as hanging:
+        url = gateway_with(OLLAMA_BASE_URL=hanging, CONNECT_TIMEOUT="0.3")
+        response = post(url, json={"model": "ollama:qwen2.5"})
+    assert response.status_code == 504 and "ConnectTimeout" in error_of(response)["message"]
+
+
+def test_silence_mid_stream_aborts_the_response_after_read_timeout(gateway_with: Callable, upstream: Upstream) -> None:
+    async def goes_silent(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
+        await upstream.wait_for_disconnect(receive)
+
+    upstream.handler = goes_silent
+    url = gateway_with(READ_TIMEOUT="0.3")
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("POST", url + "/v1/chat/completions", json={"model": "fake:m"}, timeout=TIMEOUT) as r:
+            r.read()
+    assert upstream.disconnected.wait(1.0)
+
+
+def test_read_timeout_never_caps_a_long_stream(gateway_with: Callable, upstream: Upstream) -> None:
+    async def slow_but_steady(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        for i in range(12):  # 1.2 s in all, four times READ_TIMEOUT, never silent for long
+            await asyncio.sleep(0.1)
+            await send({"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    upstream.handler = slow_but_steady
+    url = gateway_with(READ_TIMEOUT="0.3")
+    response = post(url)
+    assert response.status_code == 200 and response.text.count("data:") == 12
+
+
+def raise_open_files_limit(needed: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
+
+
+@pytest.mark.slow
+def test_300_concurrent_slow_streams_all_complete(gw: str, upstream: Upstream) -> None:
+    streams = 300
+    raise_open_files_limit(8 * streams)
+    arrived: list[asyncio.Event] = []
+
+    async def slow_stream(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        # No stream goes on until all are open at the upstream at once: the pool admits them all.
+        arrived.append(asyncio.Event())
+        if len(arrived) == streams:
+            for event in arrived:
+                event.set()
+        await asyncio.wait_for(arrived[-1].wait(), 20)
+        for i in range(5):
+            await send({"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True})
+            await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    upstream.handler = slow_stream
+
+    async def all_streams() -> list[str]:
+        limits = httpx.Limits(max_connections=streams)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)) as client:
+
+            async def one() -> str:
+                response = await client.post(gw + "/v1/chat/completions", json={"model": "fake:m", "stream": True})
+                return response.text
+
+            return await asyncio.gather(*(one() for _ in range(streams)))
+
+    bodies = asyncio.run(all_streams())
+    assert bodies == ["data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\ndata: [DONE]\n\n"] * streams
