@@ -661,7 +661,8 @@ def configure_logging(level: str) -> None:
 
 
 load_dotenv(Path.cwd() / ".env")
-os.environ.setdefault("GATEWAY_ID", secrets.token_hex(6))  # one id for this gateway and all its workers
+if not os.environ.get("GATEWAY_ID"):
+    os.environ["GATEWAY_ID"] = secrets.token_hex(6)  # one id for this gateway and all its workers
 SETTINGS = Settings.from_env(os.environ)
 configure_logging(SETTINGS.log_level)
 app = create_app(SETTINGS)

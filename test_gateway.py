@@ -346,17 +346,16 @@ def test_uvicorn_gateway_app_serves_the_gateway() -> None:
 
 
 @pytest.mark.slow
-def test_workers_serve_with_one_shared_gateway_id() -> None:
+def test_workers_share_one_gateway_id_so_a_loop_stops_at_once() -> None:
     port = free_port()
+    output: list[str] = []
     command = [sys.executable, "gateway.py", "--port", str(port), "--workers", "2"]
-    with running(command, port, {"GATEWAY_ID": ""}) as url:
-        with httpx.Client() as client:
-            # Different connections land on either worker; each must know the one id.
-            answers = {
-                httpx.post(url + "/v1/chat/completions", json={}, headers={"via": "1.1 llm-gateway-x"}).status_code
-                for _ in range(10)
-            }
-            assert answers == {400}
+    env = {"GATEWAY_ID": "", "BACKENDS": f"self=http://127.0.0.1:{port}/v1"}
+    with running(command, port, env, output) as url:
+        for _ in range(6):
+            assert post(url, json={"model": "self:m"}).status_code == 508
+    # Each looping request came back once, to whichever worker, and was stopped there.
+    assert output[0].count("status=508") == 2 * 6
 
 
 # ---------------------------------------------------------------------------------------------
