@@ -36,7 +36,10 @@ How to read the output:
   requests completed: the cost of one request, independent of how busy the
   core was.  ``gw CPU %`` near 100 means the gateway core was saturated.
   ``aux CPU %`` is the load generator plus the fake upstream on CPU 1: if it
-  approaches 100 the harness is close to being the bottleneck.
+  approaches 100 the harness is close to being the bottleneck.  ``other CPU %``
+  is everything else that kept the machine busy (other processes, kernel time
+  not charged to ours); when it is high the window's req/s and latencies are
+  disturbed, while CPU µs/req holds up better.
 * ``gw peak RSS`` is the gateway's peak resident memory during the window
   (VmHWM after resetting it through ``/proc/<pid>/clear_refs``, or sampled VmRSS).
 * **Added latency** (concurrency 1) is gateway minus direct at p50 and p99.
@@ -51,6 +54,7 @@ import asyncio
 import collections
 import http.client
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -214,6 +218,15 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = stat.rsplit(b")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])   # utime, stime (fields 14, 15)
     return ticks / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent busy (user, nice, system, irq, softirq, steal) since boot."""
+    for line in (_read("/proc/stat") or b"").splitlines():
+        if line.startswith(b"cpu "):
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
+            return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    return 0.0
 
 
 def status_kb(pids: list[int], key: str) -> int:
@@ -600,7 +613,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an ascending list (q in 0..100)."""
     if not sorted_values:
         return float("nan")
-    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
     return sorted_values[k]
 
 
@@ -611,6 +624,7 @@ class _Watch:
         self.roots = dict(watch)
         self.trees = {role: process_tree(pid) for role, pid in self.roots.items()}
         self.cpu0 = {role: cpu_seconds(pids) for role, pids in self.trees.items()}
+        self.busy0 = machine_busy_seconds()
         gw = self.trees.get("gateway", [])
         self.peak_reset = bool(gw) and reset_peak_rss(gw)
         self.rss_start = status_kb(gw, "VmRSS") if gw else 0
@@ -630,6 +644,10 @@ class _Watch:
             used = cpu_seconds(pids) - self.cpu0[role]
             out["cpu_s"][role] = round(used, 3)
             out["cpu_pct"][role] = round(100 * used / elapsed, 1)
+        # Whatever else kept the machine busy (other processes, and kernel softirq work that is not
+        # charged to ours): high values mean the figures of this window are disturbed.
+        other = machine_busy_seconds() - self.busy0 - sum(out["cpu_s"].values())
+        out["other_cpu_pct"] = round(max(0.0, 100 * other / elapsed), 1)
         gw = self.trees.get("gateway")
         if gw:
             self.sample_rss()
@@ -1090,6 +1108,8 @@ def measure_open_streams(h: Harness, n: int, log: Callable[[str], None]) -> dict
 # Report
 # --------------------------------------------------------------------------
 
+OTHER_CPU_WARN = 15.0   # % of one core used by others in a window before the report warns
+
 def _f(v: Any, digits: int = 1) -> str:
     """Format a number for the table; None/NaN as '-'."""
     if v is None or (isinstance(v, float) and v != v):
@@ -1123,8 +1143,8 @@ def markdown_report(report: dict[str, Any]) -> str:
 
     lines += ["### Throughput, latency and cost per scenario", "",
               "| scenario | path | conc | req/s | p50 ms | p99 ms | gw CPU µs/req | gw CPU % | "
-              "gw peak RSS MiB | aux CPU % | errors |",
-              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+              "gw peak RSS MiB | aux CPU % | other CPU % | errors |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for key, s in sc.items():
         for target in ("direct", "gateway"):
             r = s[target]
@@ -1133,10 +1153,16 @@ def markdown_report(report: dict[str, Any]) -> str:
                 f"| {s['title'] if target == 'direct' else ''} | {target} | {s['concurrency']} | {_f(r['rps'])} | "
                 f"{_f(r['p50_ms'], 3)} | {_f(r['p99_ms'], 3)} | {_f(r.get('gw_cpu_us_per_req'))} | "
                 f"{_f(r['cpu_pct'].get('gateway'))} | {_mb(r.get('gw_peak_rss_kb'))} | {_f(aux)} | "
+                f"{_f(r.get('other_cpu_pct'))} | "
                 f"{r['errors']}{' ' + json.dumps(r['error_kinds']) if r['errors'] else ''} |")
     lines.append("")
     ratios = ", ".join(f"{k} {_f(s['direct_over_gateway'])}x" for k, s in sc.items())
     lines += [f"direct / gateway throughput: {ratios}", ""]
+    busiest = max(s[t].get("other_cpu_pct", 0) for s in sc.values() for t in ("direct", "gateway"))
+    if busiest > OTHER_CPU_WARN:
+        lines += [f"WARNING: up to {busiest:.0f}% of a core went to other work during a window (other "
+                  "processes on this machine or kernel time not charged to ours): req/s and latency may be "
+                  "low and noisy; CPU µs/req is less affected.", ""]
     sse = sc.get("sse_c64")
     if sse:
         g = sse["gateway"]

@@ -66,20 +66,29 @@ def bound_socket(port: int = 0) -> socket.socket:
 
 
 @contextmanager
-def serve(app: Any, sock: socket.socket | None = None) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn in a thread; yield its base URL."""
+def uvicorn_server(app: Any, sock: socket.socket | None = None, **config: Any) -> Iterator[uvicorn.Server]:
+    """Run an ASGI app under uvicorn in a thread, on `sock` or a random port."""
     sock = sock or bound_socket()
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1, **config)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     eventually(lambda: server.started or not thread.is_alive())
     assert server.started, "server did not start"
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield server
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def serve(app: Any, sock: socket.socket | None = None) -> Iterator[str]:
+    """Serve an ASGI app on 127.0.0.1; yield its base URL."""
+    sock = sock or bound_socket()
+    with uvicorn_server(app, sock):
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 Handler = Callable[["Seen", Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
@@ -328,6 +337,14 @@ def test_python_gateway_py_serves_on_the_port_given() -> None:
     port = free_port()
     with running([sys.executable, "gateway.py", "--port", str(port)], port) as url:
         assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_installed_llm_gateway_command_serves_the_gateway() -> None:
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "llm-gateway"), "--port", str(port)]
+    with running(command, port) as url:
+        assert httpx.get(url + "/health").status_code == 200
 
 
 @pytest.mark.slow
@@ -1170,3 +1187,120 @@ def test_300_concurrent_slow_streams_all_complete(gw: str, upstream: Upstream) -
 
     bodies = asyncio.run(all_streams())
     assert bodies == ["data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\ndata: [DONE]\n\n"] * streams
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, injected for real
+# ---------------------------------------------------------------------------------------------
+
+
+def test_upstream_restart_between_requests_is_invisible_to_clients(gateway_with: Callable) -> None:
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    url = gateway_with(OLLAMA_BASE_URL=f"http://127.0.0.1:{port}")
+    with serve(Upstream(), sock):
+        assert post(url, json={"model": "ollama:m"}).status_code == 200
+    with serve(Upstream(), bound_socket(port)):  # a new process would look the same: the old connections are gone
+        assert post(url, json={"model": "ollama:m"}).status_code == 200
+
+
+def test_upstream_closing_idle_connections_is_invisible_to_clients(gateway_with: Callable) -> None:
+    with uvicorn_server(Upstream(), timeout_keep_alive=0.05) as server:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = gateway_with(OLLAMA_BASE_URL=f"http://127.0.0.1:{port}")
+        for _ in range(3):
+            assert post(url, json={"model": "ollama:m"}).status_code == 200
+            eventually(lambda: not server.server_state.connections)  # the upstream closed the idle connection
+
+
+def settled(read: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> int:
+    """The value of `read()` once it has stopped changing for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"still changing after {timeout} s: {last}"
+        time.sleep(0.02)
+        if (now := read()) != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_slow_client_holds_back_a_fast_stream(gw: str, upstream: Upstream) -> None:
+    chunk, sent = b"x" * MiB, [0]
+
+    async def firehose(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "application/octet-stream")])
+        for _ in range(4096):  # 4 GiB, if nothing held it back
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent[0] += len(chunk)
+            if upstream.disconnected.is_set():
+                return
+        await send({"type": "http.response.body", "body": b""})
+
+    async def firehose_watching(seen: Seen, receive: Any, send: Any) -> None:
+        await asyncio.gather(firehose(seen, receive, send), upstream.wait_for_disconnect(receive))
+
+    upstream.handler = firehose_watching
+    sock = raw_request(gw, b'{"model": "fake:m"}')
+    assert sock.recv(100).startswith(b"HTTP/1.1 200")  # then the client stops reading
+    held_back_at = settled(lambda: sent[0])
+    assert held_back_at < 64 * MiB, f"the upstream got {held_back_at} bytes out to a client that reads nothing"
+    sock.close()
+    assert upstream.disconnected.wait(2)
+
+
+MiB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. No secret in any log line or error body
+# ---------------------------------------------------------------------------------------------
+
+SECRETS = {"OPENAI_API_KEY": "sk-SECRET-openai-1111", "OLLAMA_API_KEY": "sk-SECRET-ollama-2222",
+           "FAKE_API_KEY": "sk-SECRET-fake-3333", "SLOW_API_KEY": "sk-SECRET-slow-4444"}
+GATEWAY_KEY = "gw-SECRET-5555"
+CONTENT = "PROMPT-SECRET-6666"
+
+
+def test_no_key_or_message_content_reaches_a_log_line_or_error_body(
+    gateway_with: Callable, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("uvicorn").addHandler(caplog.handler)
+    answers: list[httpx.Response] = []
+    auth = {"authorization": f"Bearer {GATEWAY_KEY}"}
+    chat = {"model": "fake:m", "messages": [{"role": "user", "content": CONTENT}]}
+    with silent_server() as silent:
+        url = gateway_with(
+            **SECRETS, GATEWAY_API_KEYS=GATEWAY_KEY, OLLAMA_BASE_URL=dead_url(), OPENAI_BASE_URL=dead_url(),
+            BACKENDS=f"fake={upstream.url}/v1,slow={silent}", READ_TIMEOUT="0.3", MAX_BODY_BYTES="2000",
+        )
+        answers += [
+            post(url, json=chat, headers={"authorization": f"Bearer wrong-{GATEWAY_KEY}"}),  # 401
+            post(url, content=f'{{"messages": "{CONTENT}", broken'.encode(), json=None, headers=auth),  # 400
+            post(url, json={"messages": [CONTENT]}, headers=auth),  # 400, no model
+            post(url, json={**chat, "model": "fake:m\n"}, headers=auth),  # 400, bad model
+            post(url, json={**chat, "pad": CONTENT * 200}, headers=auth),  # 413
+            post(url, json={**chat, "model": "ollama:m"}, headers=auth),  # 502
+            post(url, json={**chat, "model": "slow:m"}, headers=auth),  # 504
+            post(url, json=chat, headers={**auth, "via": "1.1 llm-gateway-test-gw"}),  # 508
+            httpx.get(url + "/v1/models", headers=auth),  # backends left out
+            httpx.get(url + "/v1/models/ollama:m", headers=auth),  # 502
+            httpx.get(url + "/v1/chat/completions", params={"q": CONTENT}, headers=auth),  # 405
+        ]
+
+        async def dying(seen: Seen, receive: Any, send: Any) -> None:
+            await start(send, 200, [("content-type", "text/event-stream")])
+            await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+            raise ConnectionAbortedError("upstream crashed")
+
+        upstream.handler = dying
+        with pytest.raises(httpx.RemoteProtocolError):
+            post(url, json=chat, headers=auth)
+    assert [a.status_code for a in answers] == [401, 400, 400, 400, 413, 502, 504, 508, 200, 502, 405]
+    seen_by_user = "".join(a.text + str(a.headers) for a in answers)
+    gateway_records = [r for r in caplog.records if r.name.startswith(("llm_gateway", "uvicorn"))]
+    logged = "\n".join(caplog.handler.format(record) for record in gateway_records)
+    assert "status=" in logged  # the access log was captured
+    for secret in [*SECRETS.values(), GATEWAY_KEY, CONTENT]:
+        assert secret not in seen_by_user and secret not in logged, secret
