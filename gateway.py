@@ -289,9 +289,16 @@ def parse_payload(body: bytes) -> dict[str, Any]:
 
 
 def _has_two_models(body: bytes) -> bool:
-    """Whether the top-level object names `model` twice (rare, so the slower parser is fine)."""
+    """Whether the top-level object names `model` twice (rare, so the slower parser is fine).
+
+    Even then the body is re-serialised with the one model the gateway routed by, so a body too
+    deep for this parser is let through rather than refused.
+    """
     counts: list[int] = []
-    json.loads(body, object_pairs_hook=lambda pairs: counts.append(sum(k == "model" for k, _ in pairs)))
+    try:
+        json.loads(body, object_pairs_hook=lambda pairs: counts.append(sum(k == "model" for k, _ in pairs)))
+    except RecursionError:
+        return False
     return counts[-1] > 1  # the top-level object is the last one to close
 
 

@@ -1304,3 +1304,119 @@ def test_no_key_or_message_content_reaches_a_log_line_or_error_body(
     assert "status=" in logged  # the access log was captured
     for secret in [*SECRETS.values(), GATEWAY_KEY, CONTENT]:
         assert secret not in seen_by_user and secret not in logged, secret
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: whatever a client sends, a clear 4xx or a routed request, never a gateway 5xx
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, example, given, settings as hypothesis_settings, strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[str]:
+    """One gateway in front of one well-behaved upstream, shared by the whole battery."""
+    fake = Upstream()
+    with serve(fake) as upstream_url:
+        app = create_app(settings(BACKENDS=f"fake={upstream_url}/v1", DEFAULT_BACKEND="fake", MAX_BODY_BYTES="65536"))
+        with serve(app) as url:
+            yield url
+
+
+def assert_handled(response: httpx.Response) -> None:
+    """A routed answer from the upstream, or a clear 4xx in OpenAI's shape: never a 5xx of the gateway's."""
+    if response.status_code >= 400:
+        assert response.status_code < 500, response.text
+        assert error_of(response)["message"]
+
+
+def assert_still_serving(url: str) -> None:
+    assert post(url, json={"model": "fake:m", "messages": []}).status_code == 200
+
+
+battery = hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@battery
+@given(body=st.binary(max_size=2048))
+@example(body=b"\xff\xfe{not utf-8}")
+@example(body=b'{"model": "fake:\xc3\x28"}')
+@example(body=b"[" * 100_000 + b"]" * 100_000)
+@example(body=b'{"model": "fake:m", "n": 1e400}')
+@example(body=b'{"model": "fake:m", "n": -' + b"9" * 5000 + b"}")
+@example(body=b'{"model": "fake:m", "n": NaN}')
+@example(body=b'{"model": "fake:m", "n": Infinity}')
+@example(body=b'{"model": "fake:a", "model": "fake:b"}')
+@example(body=b'{"model": "fake:m", "a": ' + b"[" * 1020 + b'"model"' + b"]" * 1020 + b"}")
+@example(body=b'{"model": "fake:m\x00"}')
+@example(body=b'{"model": "fake:m", "x": "\x00"}')
+@example(body=b'{"model": "fake:a\\r\\nX-Injected: 1"}')
+@example(body=b'{"model": "fake:' + b"m" * 100_000 + b'"}')
+@example(body=b'{"model": "ollama:"}')
+@example(body=b'{"model": ""}')
+@example(body=b'{"model": null}')
+@example(body=b'"fake:m"')
+def test_any_body_gets_a_clear_answer(target: str, body: bytes) -> None:
+    assert_handled(post(target, content=body, json=None))
+
+
+@battery
+@given(payload=st.dictionaries(st.text(max_size=10), json_values, max_size=5), model=st.text(max_size=300))
+def test_any_json_object_gets_a_clear_answer(target: str, payload: dict, model: str) -> None:
+    response = post(target, json={**payload, "model": model})
+    assert_handled(response)
+
+
+@battery
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE"]),
+    path=st.text(st.characters(codec="ascii", exclude_characters="?#"), max_size=60),
+)
+@example(method="POST", path="v1/../admin")
+@example(method="POST", path="v1/chat/%2e%2e/%2E%2E/admin")
+@example(method="POST", path="v1/chat%2fcompletions")
+@example(method="POST", path="v1/chat/completions%00")
+@example(method="POST", path="v1/./chat/completions")
+@example(method="GET", path="v1/models/fake:..")
+@example(method="GET", path="v1/models/" + "m" * 5000)
+@example(method="DELETE", path="v1/models/fake:m")
+def test_any_method_and_path_get_a_clear_answer(target: str, method: str, path: str) -> None:
+    with socket.create_connection(("127.0.0.1", int(target.rsplit(":", 1)[1])), timeout=10) as sock:
+        body = b'{"model": "fake:m"}'
+        raw_path = "/" + "".join(c if 0x20 < ord(c) < 0x7f else "%%%02X" % ord(c) for c in path)
+        sock.sendall(f"{method} {raw_path} HTTP/1.1\r\nHost: gw\r\nContent-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + body)
+        head = b""
+        while b"\r\n" not in head and (chunk := sock.recv(4096)):
+            head += chunk
+    status = int(head.split(b" ", 2)[1])
+    assert status < 500 and (status != 200 or method in ("GET", "HEAD", "POST")), head
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                                          "application/xml", ""])
+def test_any_content_type_with_a_non_json_body_gets_a_400(target: str, content_type: str) -> None:
+    response = post(target, content=b"model=fake:m&x=1", json=None, headers={"content-type": content_type})
+    assert response.status_code == 400 and "Content-Type: application/json" in error_of(response)["message"]
+
+
+def test_oversized_chunked_body_gets_a_413_and_the_gateway_serves_on(target: str) -> None:
+    pieces = (b"x" * 8192 for _ in range(64))  # 512 KiB against a 64 KiB limit
+    response = httpx.post(target + "/v1/chat/completions", content=pieces, timeout=TIMEOUT)
+    assert response.status_code == 413
+    assert_still_serving(target)
+
+
+def test_gateway_serves_on_after_the_battery(target: str) -> None:
+    assert_still_serving(target)
+
+
+def test_duplicate_model_keys_are_refused(target: str) -> None:
+    response = post(target, content=b'{"model": "fake:a", "model": "openai:b"}', json=None)
+    assert response.status_code == 400 and error_of(response)["param"] == "model"
