@@ -535,6 +535,7 @@ class _Client(asyncio.Protocol):
         self.events = 0
         self.tail = b""
         self.abort_at = 0
+        self.error_body = b""    # start of a non-200 answer, for the report
 
     def request(self, kind: RequestKind, wire: bytes) -> asyncio.Future[str]:
         self._reset(kind)
@@ -578,6 +579,8 @@ class _Client(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.nbytes += len(body)
+        if self.status != 200 and len(self.error_body) < 300:
+            self.error_body += body[:300]
         if self.kind is None or not self.kind.sse:
             return
         # count "\n\n" event terminators, including one split across two reads
@@ -688,6 +691,8 @@ class LoadGen:
                 k = 0 if len(wires) == 1 else random.choices(range(len(wires)), weights)[0]
                 outcome = await client.request(spec.kinds[k], wires[k])
                 state.record(spec.kinds[k].name, outcome, time.perf_counter() - client.started)
+                if outcome.startswith("http_"):
+                    state.sample_error(outcome, client.error_body)
                 if outcome not in ("ok",):
                     client.close(abort=outcome != "aborted")
                     clients[i] = None
@@ -771,6 +776,12 @@ class _RunState:
         self.outcomes: collections.Counter[str] = collections.Counter()      # whole run
         self.per_kind: collections.Counter[str] = collections.Counter()      # whole run, "kind:outcome"
         self.window_ok = 0
+        self.error_samples: list[str] = []
+
+    def sample_error(self, outcome: str, body: bytes) -> None:
+        """Keep the first few error answers: their bodies say what went wrong."""
+        if len(self.error_samples) < 5:
+            self.error_samples.append(f"{outcome}: {body[:300].decode(errors='replace')}")
 
     def start_window(self) -> None:
         self.measuring, self.window_start = True, time.perf_counter()
@@ -805,6 +816,7 @@ class _RunState:
             "aborted": self.outcomes["aborted"],
             "errors": sum(errors.values()),
             "error_kinds": errors,
+            "error_samples": self.error_samples,
             "per_kind": dict(self.per_kind),
         }
 
@@ -1158,6 +1170,9 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines.append("")
     ratios = ", ".join(f"{k} {_f(s['direct_over_gateway'])}x" for k, s in sc.items())
     lines += [f"direct / gateway throughput: {ratios}", ""]
+    samples = [e for s in sc.values() for t in ("direct", "gateway") for e in s[t].get("error_samples", [])]
+    if samples:
+        lines += ["first error answers:", *(f"- `{e}`" for e in samples[:5]), ""]
     busiest = max(s[t].get("other_cpu_pct", 0) for s in sc.values() for t in ("direct", "gateway"))
     if busiest > OTHER_CPU_WARN:
         lines += [f"WARNING: up to {busiest:.0f}% of a core went to other work during a window (other "

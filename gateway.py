@@ -288,6 +288,13 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     return payload
 
 
+def serialize(payload: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # only nesting deeper than orjson writes (254) gets here
+        raise GatewayError(400, "request body nests too deep (over 254 levels); flatten it") from None
+
+
 def _has_two_models(body: bytes) -> bool:
     """Whether the top-level object names `model` twice (rare, so the slower parser is fine).
 
@@ -486,7 +493,7 @@ async def proxy(request: Request) -> Response | Relay:
     headers.append((b"content-type", b"application/json"))
     query = request.scope["query_string"]
     url = backend.base_url + path + ("?" + query.decode("latin-1") if query else "")
-    upstream = httpx.Request("POST", url, headers=headers, content=orjson.dumps(payload))
+    upstream = httpx.Request("POST", url, headers=headers, content=serialize(payload))
     return Relay(request.app.state.client, upstream, backend)
 
 

@@ -134,6 +134,8 @@ def summary(args: argparse.Namespace, r: dict[str, Any]) -> tuple[str, bool]:
              f"{args.concurrency}, {args.stream_fraction:.0%} streams of which {args.abort_fraction:.0%} of all "
              f"requests hang up early", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
+    if load.get("error_samples"):
+        lines += ["", "first error answers:", *(f"- `{e}`" for e in load["error_samples"])]
     if r["gateway_log_tail"]:
         lines += ["", "gateway log tail:", "```", r["gateway_log_tail"], "```"]
     return "\n".join(lines), passed
