@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator
 from urllib.parse import quote, unquote, urlsplit
 
 import anyio
+import httptools
 import httpx
 import orjson
 import uvicorn
@@ -369,6 +370,282 @@ def upstream_headers(request: Request, backend: Backend, settings: Settings) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# The upstream connection: HTTP/1.1 on asyncio and httptools, under the shared httpx client
+# ---------------------------------------------------------------------------------------------
+
+HIGH_WATER = 256 * 1024  # body bytes held for a slow client before the upstream is asked to wait
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to a backend, carrying one request at a time.
+
+    The response head arrives as a future; body chunks gather in a buffer that the reader empties,
+    and reading from the socket pauses while that buffer is full, so a slow client slows the
+    backend down instead of filling the gateway's memory.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> None:
+        self.loop, self.key = loop, key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.lost = False
+        self.busy = False
+        self.writable: asyncio.Future[None] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Get ready for the next request on this connection."""
+        self.head: asyncio.Future[None] = self.loop.create_future()
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.framed = False  # Content-Length or chunked; otherwise the body ends with the connection
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.complete = False
+        self.received_any = False
+        self.error: Exception | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:  # nothing was asked: an upstream that talks out of turn is not reused
+            self.close()
+            return
+        self.received_any = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.fail(httpx.RemoteProtocolError(f"malformed response from the upstream: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.head.done() and not self.framed and not self.complete and self.error is None:
+            self.on_message_complete()
+        else:
+            self.fail(httpx.RemoteProtocolError("the upstream closed the connection before its response ended"))
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self.writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        if self.parser.get_status_code() < 200:  # 100 Continue and the like: the real head follows
+            self.headers, self.framed = [], False
+        elif not self.head.done():
+            self.head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and self.transport:
+            self.transport.pause_reading()
+        self.wake()
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() >= 200:
+            self.complete = True
+            self.wake()
+
+    # What the transport asks of a connection
+
+    async def exchange(self, head: bytes, body: bytes, timeouts: Mapping[str, float | None]) -> None:
+        """Send a request and wait for the head of its response."""
+        assert self.transport
+        self.busy = True
+        if len(body) > 65536:
+            self.transport.write(head)  # no copy of a large body just to glue the head on
+            self.transport.write(body)
+        else:
+            self.transport.write(head + body)
+        if self.writable:
+            await self.within(self.writable, timeouts.get("write"), httpx.WriteTimeout("the upstream took too long to read the request"))
+        await self.within(self.head, timeouts.get("read"), httpx.ReadTimeout("the upstream did not answer in time"))
+
+    async def next_chunk(self, timeout: float | None) -> bytes | None:
+        """The body bytes that have arrived, waiting for some; None at the end of the body."""
+        if not self.chunks and not self.complete and self.error is None:
+            self.waiter = self.loop.create_future()
+            await self.within(self.waiter, timeout, httpx.ReadTimeout("the upstream went silent mid-response"))
+        if self.chunks:
+            chunk = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+            self.chunks, self.buffered = [], 0
+            if self.transport and not self.lost:
+                self.transport.resume_reading()
+            return chunk
+        if self.error is not None:
+            raise self.error
+        return None
+
+    async def within(self, future: asyncio.Future[None], timeout: float | None, error: Exception) -> None:
+        """Wait for `future`, failing with `error` after `timeout` seconds."""
+        timer = self.loop.call_later(timeout, self.fail, error) if timeout is not None else None
+        try:
+            await future
+        finally:
+            if timer:
+                timer.cancel()
+
+    def fail(self, error: Exception) -> None:
+        if self.error is None and not self.complete:
+            self.error = error
+            if not self.head.done():
+                self.head.set_exception(error)
+                self.head.exception()  # marked as seen: nobody may be waiting for an idle connection's head
+        self.wake()
+        if self.writable and not self.writable.done():
+            self.writable.set_exception(error)
+            self.writable.exception()
+
+    def wake(self) -> None:
+        if self.waiter and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def close(self) -> None:
+        if self.transport:
+            self.transport.close()
+
+    @property
+    def reusable(self) -> bool:
+        return self.complete and not self.lost and self.parser.should_keep_alive()
+
+
+class UpstreamBody(httpx.AsyncByteStream):
+    """A response body read straight off its connection, which goes back to the pool at the end."""
+
+    def __init__(self, connection: UpstreamConnection, pool: Http11Transport, timeout: float | None) -> None:
+        self.connection, self.pool, self.timeout = connection, pool, timeout
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while (chunk := await self.connection.next_chunk(self.timeout)) is not None:
+            yield chunk
+
+    async def aclose(self) -> None:
+        self.pool.release(self.connection)
+
+
+class Http11Transport(httpx.AsyncBaseTransport):
+    """The httpx transport for plain-http backends (Ollama, vLLM, llama.cpp, LM Studio).
+
+    httpx's own connection pool costs several times more CPU per request, growing with the number
+    of connections; this one keeps idle connections per host in a list and admits
+    `max_connections` requests at once. A request that meets a pooled connection the upstream has
+    just closed (before answering a single byte) is sent once more on a fresh connection, so an
+    upstream that drops idle keep-alive connections or restarts never shows up as an error.
+    """
+
+    def __init__(self, max_connections: int) -> None:
+        self.slots = asyncio.Semaphore(max_connections)
+        self.idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        await self.take_slot(timeouts.get("pool"))
+        try:
+            connection = await self.exchange(request, _request_head(request), await request.aread(), timeouts)
+        except BaseException:
+            self.slots.release()
+            raise
+        return httpx.Response(
+            connection.parser.get_status_code(), headers=connection.headers,
+            stream=UpstreamBody(connection, self, timeouts.get("read")), extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def take_slot(self, timeout: float | None) -> None:
+        if not self.slots.locked():
+            await self.slots.acquire()  # returns at once: no task, no timer on the common path
+            return
+        try:
+            await asyncio.wait_for(self.slots.acquire(), timeout)
+        except TimeoutError:
+            raise httpx.PoolTimeout("all upstream connections are busy") from None
+
+    async def exchange(
+        self, request: httpx.Request, head: bytes, body: bytes, timeouts: Mapping[str, float | None]
+    ) -> UpstreamConnection:
+        key = (request.url.host, request.url.port or 80)
+        connection = self.checkout(key)
+        if connection is not None:
+            try:
+                await connection.exchange(head, body, timeouts)
+                return connection
+            except httpx.RemoteProtocolError:
+                connection.close()
+                if connection.received_any:
+                    raise
+            except BaseException:
+                connection.close()
+                raise
+        connection = await self.connect(key, timeouts.get("connect"))
+        try:
+            await connection.exchange(head, body, timeouts)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def checkout(self, key: tuple[str, int]) -> UpstreamConnection | None:
+        idle = self.idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if not connection.lost:
+                return connection
+        return None
+
+    async def connect(self, key: tuple[str, int], timeout: float | None) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(loop, key), *key), timeout
+            )
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"connecting to {key[0]}:{key[1]} took too long") from None
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from None
+        return connection
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """Called once per request when its body is closed, read to the end or not."""
+        self.slots.release()
+        connection.busy = False
+        if connection.reusable:
+            connection.reset()
+            self.idle.setdefault(connection.key, []).append(connection)
+        else:
+            connection.close()  # mid-body: closing it is what tells the backend to stop
+
+    async def aclose(self) -> None:
+        for connections in self.idle.values():
+            for connection in connections:
+                connection.close()
+        self.idle.clear()
+
+
+def _request_head(request: httpx.Request) -> bytes:
+    lines = [request.method.encode(), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    for name, value in request.headers.raw:
+        lines += [name, b": ", value, b"\r\n"]
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # The answer coming back: streamed chunk by chunk, with the client's disconnect watched throughout
 # ---------------------------------------------------------------------------------------------
 
@@ -647,7 +924,9 @@ def create_app(settings: Settings) -> Starlette:
         limits = httpx.Limits(
             max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections
         )
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        # Plain-http backends get the lean transport; https ones httpx's own, with its TLS and proxies.
+        mounts = {"http://": Http11Transport(settings.max_connections)}
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, mounts=mounts) as client:
             app.state.client = client
             yield
 

@@ -950,13 +950,13 @@ def test_client_disconnect_is_logged(gw: str, upstream: Upstream, access_log: Ca
 
 @pytest.fixture
 def mocked_gateway() -> Iterator[TestClient]:
-    app = create_app(settings(BACKENDS="vllm=http://vllm.test/v1", DEFAULT_BACKEND="vllm"))
+    app = create_app(settings(BACKENDS="vllm=https://vllm.test/v1", DEFAULT_BACKEND="vllm"))
     with TestClient(app) as client:
         yield client
 
 
 def test_mocked_upstream_sees_the_rewritten_request(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
-    httpx_mock.add_response(url="http://vllm.test/v1/chat/completions", json=completion("llama"))
+    httpx_mock.add_response(url="https://vllm.test/v1/chat/completions", json=completion("llama"))
     response = mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama", "messages": []})
     assert response.json()["model"] == "llama"
     assert json.loads(httpx_mock.get_request().content) == {"model": "llama", "messages": []}
