@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -20,7 +21,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,11 @@ class Settings:
     gateway_api_keys: tuple[bytes, ...]
     gateway_id: str
     log_level: str
+
+    @functools.cached_property
+    def via(self) -> bytes:
+        """This gateway's entry in the `Via` header of every upstream request."""
+        return f"1.1 llm-gateway-{self.gateway_id}".encode()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -352,20 +358,16 @@ def filter_headers(headers: list[tuple[bytes, bytes]], dropped: frozenset[bytes]
     ]
 
 
-def via_entry(settings: Settings) -> bytes:
-    return f"1.1 llm-gateway-{settings.gateway_id}".encode()
-
-
 def upstream_headers(request: Request, backend: Backend, settings: Settings) -> list[tuple[bytes, bytes]]:
     """The client's end-to-end headers, the backend's credential, and this gateway's `Via` entry."""
-    raw = request.headers.raw
+    raw = request.scope["headers"]
     headers = filter_headers(raw, NOT_FORWARDED_UP)
     if backend.api_key:
         headers.append((b"authorization", b"Bearer " + backend.api_key.encode()))
     elif not settings.gateway_api_keys and (client_auth := request.headers.get("authorization")):
         headers.append((b"authorization", client_auth.encode("latin-1")))
     earlier = [value for name, value in raw if name == b"via"]
-    headers.append((b"via", b", ".join([*earlier, via_entry(settings)])))
+    headers.append((b"via", b", ".join([*earlier, settings.via])))
     return headers
 
 
@@ -401,6 +403,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.complete = False
+        self.keep_alive = False
         self.received_any = False
         self.error: Exception | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -448,8 +451,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self.parser.get_status_code() < 200:  # 100 Continue and the like: the real head follows
             self.headers, self.framed = [], False
-        elif not self.head.done():
-            self.head.set_result(None)
+        else:
+            self.keep_alive = self.parser.should_keep_alive()  # only known while the head is fresh
+            if not self.head.done():
+                self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -523,7 +528,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.complete and not self.lost and self.parser.should_keep_alive()
+        return self.complete and self.keep_alive and not self.lost
 
 
 class UpstreamBody(httpx.AsyncByteStream):
@@ -719,7 +724,7 @@ class Relay:
         try:
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": client_headers(response, self.backend)})
-            async for chunk in response.aiter_raw():
+            async for chunk in response.stream:  # the raw body: no decoding, no re-chunking
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except httpx.HTTPError as exc:
@@ -741,7 +746,7 @@ def admit(request: Request) -> None:
             401, "missing or wrong gateway key; send 'Authorization: Bearer <key>' with a key from GATEWAY_API_KEYS",
             type="authentication_error", code="invalid_api_key",
         )
-    if any(via_entry(settings) in value for name, value in request.headers.raw if name == b"via"):
+    if any(settings.via in value for name, value in request.scope["headers"] if name == b"via"):
         raise GatewayError(
             508, "request loop: this request already passed through this gateway; a backend URL points back at it",
             type="server_error", code="loop_detected",
@@ -770,8 +775,14 @@ async def proxy(request: Request) -> Response | Relay:
     headers.append((b"content-type", b"application/json"))
     query = request.scope["query_string"]
     url = backend.base_url + path + ("?" + query.decode("latin-1") if query else "")
-    upstream = httpx.Request("POST", url, headers=headers, content=serialize(payload))
+    upstream = httpx.Request("POST", parsed_url(url), headers=headers, content=serialize(payload))
     return Relay(request.app.state.client, upstream, backend)
+
+
+@functools.lru_cache(maxsize=1024)
+def parsed_url(url: str) -> httpx.URL:
+    """Parsing a URL costs more than relaying a small answer; the few URLs a gateway sees are parsed once."""
+    return httpx.URL(url)
 
 
 async def list_models(request: Request) -> Response:
@@ -912,6 +923,22 @@ class AccessLog:
             )
 
 
+class Endpoint:
+    """A route endpoint: a handler of a request that returns the ASGI app that answers it.
+
+    Starlette's own adapter wraps every route in a second exception handler and a second send
+    wrapper; the app-level handlers already catch the same errors, and each chunk of a stream
+    would pay for the extra layer.
+    """
+
+    def __init__(self, handler: Callable[[Request], Awaitable[ASGIApp]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = await self.handler(Request(scope, receive))
+        await answer(scope, receive, send)
+
+
 def create_app(settings: Settings) -> Starlette:
     """The gateway as an ASGI app, with one shared upstream client opened and closed by its lifespan."""
 
@@ -932,10 +959,10 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
-            Route("/v1/{path:path}", proxy, methods=["POST"]),
+            Route("/health", Endpoint(health), methods=["GET"]),
+            Route("/v1/models", Endpoint(list_models), methods=["GET"]),
+            Route("/v1/models/{model:path}", Endpoint(retrieve_model), methods=["GET"]),
+            Route("/v1/{path:path}", Endpoint(proxy), methods=["POST"]),
         ],
         middleware=[Middleware(AccessLog)],
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: internal_error},
