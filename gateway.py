@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import functools
 import hmac
-import json
 import logging
 import os
 import re
@@ -278,8 +277,9 @@ def _too_large(limit: int) -> GatewayError:
 
 
 def parse_payload(body: bytes) -> dict[str, Any]:
-    """The JSON object of a request, strictly per RFC 8259: no NaN, no overflowing numbers, no
-    nesting deeper than 1024, and no second `model` that another parser might read instead."""
+    """The JSON object of a request, strictly per RFC 8259: no NaN, no numbers that overflow a
+    double, no nesting deeper than 1024. A name given twice keeps its last value, as with OpenAI
+    and Ollama; the body is re-serialised, so the backend sees the one `model` the gateway routed by."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -290,8 +290,6 @@ def parse_payload(body: bytes) -> dict[str, Any]:
         raise GatewayError(400, "request body must be a JSON object, like {\"model\": ..., ...}")
     if not isinstance(payload.get("model"), str):
         raise GatewayError(400, "request body needs a string 'model', like \"ollama:qwen2.5\"", param="model")
-    if body.count(b'"model"') > 1 and _has_two_models(body):
-        raise GatewayError(400, "request body has 'model' more than once; send it once", param="model")
     return payload
 
 
@@ -300,20 +298,6 @@ def serialize(payload: dict[str, Any]) -> bytes:
         return orjson.dumps(payload)
     except orjson.JSONEncodeError:  # only nesting deeper than orjson writes (254) gets here
         raise GatewayError(400, "request body nests too deep (over 254 levels); flatten it") from None
-
-
-def _has_two_models(body: bytes) -> bool:
-    """Whether the top-level object names `model` twice (rare, so the slower parser is fine).
-
-    Even then the body is re-serialised with the one model the gateway routed by, so a body too
-    deep for this parser is let through rather than refused.
-    """
-    counts: list[int] = []
-    try:
-        json.loads(body, object_pairs_hook=lambda pairs: counts.append(sum(k == "model" for k, _ in pairs)))
-    except RecursionError:
-        return False
-    return counts[-1] > 1  # the top-level object is the last one to close
 
 
 def fill_defaults(payload: dict[str, Any], backend: Backend, path: str, settings: Settings) -> None:
