@@ -367,7 +367,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     The response head arrives as a future; body chunks gather in a buffer that the reader empties,
     and reading from the socket pauses while that buffer is full, so a slow client slows the
-    backend down instead of filling the gateway's memory.
+    backend down instead of filling the gateway's memory. One watchdog timer per connection,
+    not one per chunk, enforces the read timeout: the longest silence while the gateway waits.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> None:
@@ -376,7 +377,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
         self.busy = False
+        self.paused = False
         self.writable: asyncio.Future[None] | None = None
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.heard = 0.0  # when the upstream last sent something, or the gateway began to wait
         self.reset()
 
     def reset(self) -> None:
@@ -402,6 +406,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.received_any = True
+        self.heard = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -410,6 +415,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.disarm()
         if self.head.done() and not self.framed and not self.complete and self.error is None:
             self.on_message_complete()
         else:
@@ -443,13 +449,15 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > HIGH_WATER and self.transport:
+        if self.buffered > HIGH_WATER and self.transport and not self.paused:
             self.transport.pause_reading()
+            self.paused = True
         self.wake()
 
     def on_message_complete(self) -> None:
         if self.parser.get_status_code() >= 200:
             self.complete = True
+            self.disarm()
             self.wake()
 
     # What the transport asks of a connection
@@ -464,32 +472,58 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.transport.write(head + body)
         if self.writable:
-            await self.within(self.writable, timeouts.get("write"), httpx.WriteTimeout("the upstream took too long to read the request"))
-        await self.within(self.head, timeouts.get("read"), httpx.ReadTimeout("the upstream did not answer in time"))
+            await self.drained(timeouts.get("write"))
+        await self.wait(self.head, timeouts.get("read"))
 
     async def next_chunk(self, timeout: float | None) -> bytes | None:
         """The body bytes that have arrived, waiting for some; None at the end of the body."""
         if not self.chunks and not self.complete and self.error is None:
             self.waiter = self.loop.create_future()
-            await self.within(self.waiter, timeout, httpx.ReadTimeout("the upstream went silent mid-response"))
+            await self.wait(self.waiter, timeout)
         if self.chunks:
             chunk = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
             self.chunks, self.buffered = [], 0
-            if self.transport and not self.lost:
+            if self.paused and self.transport and not self.lost:
                 self.transport.resume_reading()
+                self.paused = False
             return chunk
         if self.error is not None:
             raise self.error
         return None
 
-    async def within(self, future: asyncio.Future[None], timeout: float | None, error: Exception) -> None:
-        """Wait for `future`, failing with `error` after `timeout` seconds."""
-        timer = self.loop.call_later(timeout, self.fail, error) if timeout is not None else None
+    async def wait(self, future: asyncio.Future[None], timeout: float | None) -> None:
+        """Wait for the upstream, at most `timeout` seconds of silence."""
+        self.heard = self.loop.time()
+        if timeout is not None and self.watchdog is None:
+            self.watchdog = self.loop.call_later(timeout, self.check_silence, timeout)
+        await future
+
+    def check_silence(self, timeout: float) -> None:
+        """The watchdog: fail a wait that has heard nothing for `timeout` seconds, else look again later."""
+        silent_for = self.loop.time() - self.heard
+        waiting = not self.head.done() or (self.waiter is not None and not self.waiter.done())
+        if waiting and silent_for >= timeout:
+            self.watchdog = None
+            self.fail(httpx.ReadTimeout(
+                "the upstream went silent mid-response" if self.head.done() else "the upstream did not answer in time"
+            ))
+            return
+        # Not waiting (a slow client holds the stream back): the upstream is not to blame yet.
+        next_look = timeout - silent_for if waiting else timeout
+        self.watchdog = self.loop.call_later(next_look, self.check_silence, timeout)
+
+    async def drained(self, timeout: float | None) -> None:
+        """Wait until the upstream has taken the request body, at most `timeout` seconds."""
+        assert self.writable
         try:
-            await future
-        finally:
-            if timer:
-                timer.cancel()
+            await asyncio.wait_for(asyncio.shield(self.writable), timeout)
+        except TimeoutError:
+            raise httpx.WriteTimeout("the upstream took too long to read the request") from None
+
+    def disarm(self) -> None:
+        if self.watchdog:
+            self.watchdog.cancel()
+            self.watchdog = None
 
     def fail(self, error: Exception) -> None:
         if self.error is None and not self.complete:
@@ -498,15 +532,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self.head.set_exception(error)
                 self.head.exception()  # marked as seen: nobody may be waiting for an idle connection's head
         self.wake()
-        if self.writable and not self.writable.done():
-            self.writable.set_exception(error)
-            self.writable.exception()
 
     def wake(self) -> None:
         if self.waiter and not self.waiter.done():
             self.waiter.set_result(None)
 
     def close(self) -> None:
+        self.disarm()
         if self.transport:
             self.transport.close()
 

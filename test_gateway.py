@@ -1155,6 +1155,18 @@ def test_read_timeout_never_caps_a_long_stream(gateway_with: Callable, upstream:
     assert response.status_code == 200 and response.text.count("data:") == 12
 
 
+def test_slow_client_is_not_mistaken_for_a_silent_upstream(gateway_with: Callable, upstream: Upstream) -> None:
+    body = bytes(range(256)) * 4096 * 8  # 8 MiB: far more than the buffers between the three parties
+    upstream.handler = answer(200, body, [("content-type", "application/octet-stream")])
+    url = gateway_with(READ_TIMEOUT="0.2")
+    with httpx.stream("POST", url + "/v1/chat/completions", json={"model": "fake:m"}, timeout=TIMEOUT) as response:
+        chunks = response.iter_raw()
+        received = next(chunks)
+        time.sleep(0.6)  # the client reads nothing for three times READ_TIMEOUT: the upstream waits on it
+        received += b"".join(chunks)
+    assert received == body
+
+
 def raise_open_files_limit(needed: int) -> None:
     import resource
 
