@@ -552,13 +552,16 @@ class UpstreamBody(httpx.AsyncByteStream):
 
     def __init__(self, connection: UpstreamConnection, pool: Http11Transport, timeout: float | None) -> None:
         self.connection, self.pool, self.timeout = connection, pool, timeout
+        self.closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while (chunk := await self.connection.next_chunk(self.timeout)) is not None:
             yield chunk
 
     async def aclose(self) -> None:
-        self.pool.release(self.connection)
+        if not self.closed:
+            self.closed = True
+            self.pool.release(self.connection)
 
 
 class Http11Transport(httpx.AsyncBaseTransport):
