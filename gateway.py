@@ -323,7 +323,8 @@ HOP_BY_HOP = frozenset(
 NOT_FORWARDED_UP = HOP_BY_HOP | {
     b"host", b"content-length", b"content-type", b"via", b"cookie", b"authorization", b"x-api-key", b"api-key"
 }
-NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"set-cookie"}
+# The gateway's server writes its own `Date` and `Server`, as nginx does in front of an upstream.
+NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"set-cookie", b"date", b"server"}
 
 
 def _connection_named(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
@@ -675,12 +676,10 @@ def _request_head(request: httpx.Request) -> bytes:
 
 
 def client_headers(response: httpx.Response, backend: Backend) -> list[tuple[bytes, bytes]]:
-    headers = filter_headers(response.headers.raw, NOT_FORWARDED_DOWN)
+    headers = filter_headers(response.headers.raw, NOT_FORWARDED_DOWN | {b"x-accel-buffering"})
     headers.append((b"x-gateway-backend", backend.name.encode()))
-    streamed = "content-length" not in response.headers or "text/event-stream" in response.headers.get(
-        "content-type", ""
-    )
-    if streamed:
+    content_type = response.headers.get("content-type", "")
+    if "content-length" not in response.headers or content_type.startswith("text/event-stream"):
         headers.append((b"x-accel-buffering", b"no"))
     return headers
 

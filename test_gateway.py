@@ -738,11 +738,19 @@ def test_first_chunk_reaches_the_client_while_the_upstream_still_sends(gw: str, 
         assert b"".join(chunks) == b"data: [DONE]\n\n"
 
 
-def test_streaming_response_carries_x_accel_buffering_no(gw: str) -> None:
-    with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m", "stream": True},
-                      timeout=TIMEOUT) as response:
-        response.read()
-    assert response.headers["x-accel-buffering"] == "no"
+def test_streaming_response_carries_x_accel_buffering_no_once(gw: str, upstream: Upstream) -> None:
+    for headers in ([("content-type", "text/event-stream")],
+                    [("content-type", "text/event-stream"), ("x-accel-buffering", "no")]):
+        upstream.handler = stream(sse_chunks(), headers)
+        with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m", "stream": True},
+                          timeout=TIMEOUT) as response:
+            response.read()
+        assert response.headers.get_list("x-accel-buffering") == ["no"]
+
+
+def test_relayed_response_has_one_date_and_one_server_header(gw: str) -> None:
+    response = post(gw)
+    assert len(response.headers.get_list("date")) == 1 and len(response.headers.get_list("server")) == 1
 
 
 def test_upstream_error_reaches_the_client_unchanged_with_its_headers(upstream: Upstream, gw: str) -> None:
