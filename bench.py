@@ -42,6 +42,13 @@ How to read the output:
   disturbed, while CPU µs/req holds up better.
 * ``gw peak RSS`` is the gateway's peak resident memory during the window
   (VmHWM after resetting it through ``/proc/<pid>/clear_refs``, or sampled VmRSS).
+* ``gw req/s per core (est.)`` is 1e6 / ``gw CPU µs/req``: what one fully busy
+  core of gateway would do.  It is the figure to use where a row is flagged
+  HARNESS-BOUND (direct under 2x the gateway, or gateway CPU below 90% while
+  the load generator + upstream use 85% of CPU 1 or more): with one write,
+  hence one TCP segment, per SSE event, the harness pays about as much kernel
+  time per event as the gateway, so no single core can out-run a fast gateway
+  5x there (``--sse-events-per-write`` trades that realism for headroom).
 * **Added latency** (concurrency 1) is gateway minus direct at p50 and p99.
 * **Memory per open stream**: RSS at rest, then with N slow SSE streams held
   open through the gateway at once; the difference divided by N.  It also checks
@@ -52,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import hashlib
 import http.client
 import json
 import math
@@ -68,9 +76,10 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httptools
 import uvloop
@@ -94,7 +103,7 @@ def _compact(obj: Any) -> bytes:
 
 def _chat_answer(size: int = JSON_ANSWER_SIZE) -> bytes:
     """A realistic ``chat.completion`` body padded to exactly ``size`` bytes."""
-    answer = {
+    answer: dict[str, Any] = {
         "id": "chatcmpl-bench0123456789abcdefghijklmn",
         "object": "chat.completion",
         "created": 1700000000,
@@ -321,19 +330,32 @@ class _UpstreamStats:
         self.idle_closed = 0
 
 
+@dataclass
+class UpstreamOptions:
+    """How the fake upstream behaves."""
+    sse_gap: float = 0.0              # seconds between SSE writes; 0 = back to back
+    events_per_write: int = 1         # SSE events per write (1 = each event its own send())
+    slow_gap: float = 1.0             # seconds between events of a SLOW_MARKER stream
+    idle_timeout: float | None = None  # close keep-alive connections idle this long; None = never
+
+    def frames(self) -> list[bytes]:
+        """The SSE body as written: one chunked-encoding frame per write."""
+        n = max(1, self.events_per_write)
+        return [b"".join(_SSE_FRAMES[i:i + n]) for i in range(0, len(_SSE_FRAMES), n)]
+
+
 class FakeUpstream:
     """The server side: a set of connections plus the knobs shared by them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sse_gap: float, slow_gap: float,
-                 idle_timeout: float | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, options: UpstreamOptions) -> None:
         self.loop = loop
-        self.sse_gap = sse_gap          # seconds between SSE events; 0 = yield to the loop only
-        self.slow_gap = slow_gap        # seconds between events of a SLOW_MARKER stream
-        self.idle_timeout = idle_timeout
+        self.options = options
+        self.sse_frames = options.frames()
+        self.idle_timeout = options.idle_timeout
         self.conns: set[_UpstreamConn] = set()
         self.stats = _UpstreamStats()
 
-    def stats_json(self, exclude: "_UpstreamConn") -> bytes:
+    def stats_json(self, exclude: _UpstreamConn) -> bytes:
         data = dict(vars(self.stats))
         data["open_connections"] = len(self.conns) - (exclude in self.conns)
         data["active_streams"] = sum(c.stream_pos is not None for c in self.conns)
@@ -362,6 +384,7 @@ class _UpstreamConn(asyncio.Protocol):
         self.head = b""         # first and last bytes of the request body: enough to classify it
         self.tail = b""
         self.stream_pos: int | None = None     # next SSE frame to write, None when not streaming
+        self.stream_frames: list[bytes] = []
         self.stream_gap = 0.0
         self.handle: asyncio.Handle | None = None
         self.paused = False
@@ -420,34 +443,35 @@ class _UpstreamConn(asyncio.Protocol):
         edges = self.head + self.tail
         self.server.stats.requests += 1
         if _SLOW_MARKER_B in edges:
-            self._start_stream(self.server.slow_gap)
+            self._start_stream(_SSE_FRAMES, self.server.options.slow_gap)
         elif b'"stream":true' in edges or b'"stream": true' in edges:
-            self._start_stream(self.server.sse_gap)
+            self._start_stream(self.server.sse_frames, self.server.options.sse_gap)
         else:
             self.transport.write(_JSON_RESPONSE)
             self._maybe_close()
 
     # SSE ----------------------------------------------------------------------
-    def _start_stream(self, gap: float) -> None:
+    def _start_stream(self, frames: list[bytes], gap: float) -> None:
         self.server.stats.streams_started += 1
         self.transport.write(_SSE_HEAD)
-        self.stream_pos, self.stream_gap = 0, gap
+        self.stream_pos, self.stream_frames, self.stream_gap = 0, frames, gap
         self._stream_step()
 
     def _stream_step(self) -> None:
-        """Write the next event and come back after the gap; with no gap, write them all now.
+        """Write the next frame and come back after the gap; with no gap, write them all now.
 
-        Without a gap every event is still its own ``write`` (its own send() and TCP segment),
-        but back to back: yielding to the loop between events would double the harness's cost
+        Without a gap every frame is still its own ``write`` (its own send() and TCP segment),
+        but back to back: yielding to the loop between frames would double the harness's cost
         per stream, while a gateway slower than the upstream reads the same coalesced bytes.
         """
         self.handle = None
         if self.stream_pos is None or self.paused:
             return
+        frames = self.stream_frames
         while True:
-            self.transport.write(_SSE_FRAMES[self.stream_pos])
+            self.transport.write(frames[self.stream_pos])
             self.stream_pos += 1
-            if self.stream_pos == len(_SSE_FRAMES):
+            if self.stream_pos == len(frames):
                 break
             if self.stream_gap:
                 self.handle = self.loop.call_later(self.stream_gap, self._stream_step)
@@ -466,15 +490,15 @@ class _UpstreamConn(asyncio.Protocol):
 
 
 def upstream_main(conn: multiprocessing.connection.Connection, cpus: set[int] | None,
-                  sse_gap: float, slow_gap: float, idle_timeout: float | None) -> None:
+                  options: UpstreamOptions) -> None:
     """Process entry point: serve on an ephemeral port, report it through ``conn``, run forever."""
     pin_to_cpus(cpus)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    server = FakeUpstream(loop, sse_gap, slow_gap, idle_timeout)
+    server = FakeUpstream(loop, options)
     srv = loop.run_until_complete(loop.create_server(lambda: _UpstreamConn(server), HOST, 0, backlog=4096))
-    if idle_timeout:
+    if options.idle_timeout:
         loop.create_task(server.sweep_idle())
     conn.send(srv.sockets[0].getsockname()[1])
     loop.run_forever()
@@ -720,7 +744,7 @@ class LoadGen:
         usage = watch.finish(elapsed)
 
         state.running = False                                   # drain: let in-flight requests finish
-        done, pending = await asyncio.wait(tasks, timeout=min(spec.timeout, 10.0) + 1)
+        _, pending = await asyncio.wait(tasks, timeout=min(spec.timeout, 10.0) + 1)
         for c in clients:
             if c is not None and c.waiter is not None:
                 c.finish("unfinished")
@@ -765,6 +789,10 @@ class LoadGen:
         return {"closed": n}
 
 
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
 class _RunState:
     """Counters for one run; only requests completing inside the window make the figures."""
 
@@ -804,14 +832,13 @@ class _RunState:
     def summary(self, elapsed: float) -> dict[str, Any]:
         lat = sorted(self.latencies)
         errors = {k: v for k, v in self.outcomes.items() if k not in ("ok", "aborted")}
-        ms = lambda v: round(v * 1000, 3)  # noqa: E731
         return {
             "window_s": round(elapsed, 3),
             "requests": self.window_ok,
             "rps": round(self.window_ok / elapsed, 1),
-            "p50_ms": ms(percentile(lat, 50)), "p90_ms": ms(percentile(lat, 90)),
-            "p99_ms": ms(percentile(lat, 99)), "max_ms": ms(lat[-1]) if lat else None,
-            "mean_ms": ms(sum(lat) / len(lat)) if lat else None,
+            "p50_ms": _ms(percentile(lat, 50)), "p90_ms": _ms(percentile(lat, 90)),
+            "p99_ms": _ms(percentile(lat, 99)), "max_ms": _ms(lat[-1]) if lat else None,
+            "mean_ms": _ms(sum(lat) / len(lat)) if lat else None,
             "completed_total": self.outcomes["ok"],
             "aborted": self.outcomes["aborted"],
             "errors": sum(errors.values()),
@@ -873,18 +900,28 @@ def gateway_argv(cmd: str) -> list[str]:
     return argv
 
 
+def gateway_fingerprint(cmd: str, cwd: Path = HERE) -> str | None:
+    """sha256 prefix of the first ``.py`` file in the gateway command: which version was measured."""
+    for arg in gateway_argv(cmd)[1:]:
+        path = cwd / arg
+        if arg.endswith(".py") and path.is_file():
+            return f"{arg} sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    return None
+
+
 class Harness:
     """Fake upstream + load generator (CPU 1) + gateway (CPU 0); stops everything it started."""
 
     def __init__(self, gateway_cmd: str = "python gateway.py", workers: int | None = None,
                  gateway_cpus: set[int] | None = None, aux_cpus: set[int] | None = None,
-                 sse_gap: float = 0.0, slow_gap: float = 1.0, upstream_idle_timeout: float | None = None,
-                 log_level: str = "warning", cwd: Path = HERE) -> None:
+                 upstream: UpstreamOptions | None = None, log_level: str = "warning", cwd: Path = HERE) -> None:
         self.gateway_cmd, self.workers, self.cwd, self.log_level = gateway_cmd, workers, cwd, log_level
-        many = (os.cpu_count() or 1) >= 2
+        self.all_cpus = os.sched_getaffinity(0)
+        many = len(self.all_cpus) >= 2
         self.gateway_cpus = gateway_cpus if many else None
         self.aux_cpus = aux_cpus if many else None
-        self.sse_gap, self.slow_gap, self.idle_timeout = sse_gap, slow_gap, upstream_idle_timeout
+        self.upstream_options = upstream or UpstreamOptions()
+        self.gateway_file: str | None = None
         self.ctx = multiprocessing.get_context("fork")
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.gateway: subprocess.Popen[bytes] | None = None
@@ -895,7 +932,7 @@ class Harness:
         self.pinned = {"aux": False, "gateway": False}
 
     # lifecycle ------------------------------------------------------------------
-    def __enter__(self) -> "Harness":
+    def __enter__(self) -> Harness:
         try:
             self.start()
         except BaseException:
@@ -915,7 +952,7 @@ class Harness:
     def start_upstream(self) -> None:
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=upstream_main, name="fake-upstream", daemon=True,
-                                args=(child, self.aux_cpus, self.sse_gap, self.slow_gap, self.idle_timeout))
+                                args=(child, self.aux_cpus, self.upstream_options))
         proc.start()
         self.procs.append(proc)
         if not parent.poll(10):
@@ -931,24 +968,24 @@ class Harness:
 
     def start_gateway(self, timeout: float = 30.0) -> None:
         self.gateway_port = free_port()
+        self.gateway_file = gateway_fingerprint(self.gateway_cmd, self.cwd)
         argv = gateway_argv(self.gateway_cmd) + ["--host", HOST, "--port", str(self.gateway_port)]
         if self.workers:
             argv += ["--workers", str(self.workers)]
         env = dict(os.environ, BACKENDS=f"fake={self.upstream_url}", DEFAULT_BACKEND="fake",
                    LOG_LEVEL=self.log_level)
-        cpus = self.gateway_cpus
-        log = open(self.gateway_log, "wb")
-        self.gateway = subprocess.Popen(argv, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=(lambda: pin_to_cpus(cpus)) if cpus else None)
-        log.close()
-        self.pinned["gateway"] = bool(cpus) and os.sched_getaffinity(self.gateway.pid) == cpus
+        cpus = self.gateway_cpus or self.all_cpus     # not the aux CPUs this process is pinned to
+        with open(self.gateway_log, "wb") as log:
+            self.gateway = subprocess.Popen(argv, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=lambda: pin_to_cpus(cpus))
+        self.pinned["gateway"] = bool(self.gateway_cpus) and os.sched_getaffinity(self.gateway.pid) == cpus
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.gateway.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.gateway.returncode}:\n{self.gateway_log_tail()}")
             try:
-                status, body = http_get(self.gateway_port, "/health", timeout=1)
+                status, _ = http_get(self.gateway_port, "/health", timeout=1)
                 if status == 200:
                     return
             except OSError:
@@ -957,21 +994,23 @@ class Harness:
         raise RuntimeError(f"gateway not healthy after {timeout}s:\n{self.gateway_log_tail()}")
 
     def stop_gateway(self) -> None:
-        if self.gateway is None or self.gateway.poll() is not None:
+        """SIGTERM the gateway's process group (we made it a session leader), then SIGKILL leftovers."""
+        if self.gateway is None:
             return
-        pgid = self.gateway.pid    # we started it with start_new_session: its group id is its pid
+        pgid = self.gateway.pid
         try:
-            os.killpg(pgid, signal.SIGTERM)
-            self.gateway.wait(10)
+            if self.gateway.poll() is None:
+                os.killpg(pgid, signal.SIGTERM)
+                self.gateway.wait(10)
         except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+        try:                        # a gateway that did not stop, or workers left behind in the group
             os.killpg(pgid, signal.SIGKILL)
-            self.gateway.wait(5)
         except ProcessLookupError:
             pass
-        try:                        # workers left behind in the group
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self.gateway.wait(5)
 
     def stop(self) -> None:
         self.stop_gateway()
@@ -980,14 +1019,15 @@ class Harness:
                 self._lg.send(("stop", {}))
             except OSError:
                 pass
-        for proc in self.procs:
-            proc.join(2)
-            if proc.is_alive():
+        for proc in self.procs:     # the load generator stops on "stop"; the upstream runs until told
+            if proc.name == "fake-upstream":
                 proc.terminate()
-                proc.join(2)
+            proc.join(3)
             if proc.is_alive():
                 proc.kill()
+                proc.join(1)
         self.procs.clear()
+        self.gateway_log.unlink(missing_ok=True)
 
     # helpers ----------------------------------------------------------------------
     @property
@@ -1018,8 +1058,9 @@ class Harness:
         return json.loads(http_get(self.upstream_port, "/_stats")[1])
 
     def watch(self) -> dict[str, int]:
-        assert self.procs
-        return {"gateway": self.gateway_pid, "upstream": self.procs[0].pid, "loadgen": self.procs[1].pid}
+        upstream, loadgen = (p.pid for p in self.procs)
+        assert upstream and loadgen
+        return {"gateway": self.gateway_pid, "upstream": upstream, "loadgen": loadgen}
 
     def run_load(self, target: str, kinds: list[RequestKind], concurrency: int, warmup: float,
                  duration: float, **options: Any) -> dict[str, Any]:
@@ -1064,11 +1105,15 @@ def run_scenarios(h: Harness, warmup: float, duration: float, log: Callable[[str
             res = h.run_load(target, [sc.kind], sc.concurrency, warmup, duration)
             if target == "gateway" and res["requests"]:
                 res["gw_cpu_us_per_req"] = round(res["cpu_s"]["gateway"] * 1e6 / res["requests"], 1)
+                if res["gw_cpu_us_per_req"]:
+                    res["gw_rps_per_core_est"] = round(1e6 / res["gw_cpu_us_per_req"], 1)
             results[sc.key][target] = res
             log(f"      {res['rps']:>10,.1f} req/s  p50 {res['p50_ms']} ms  p99 {res['p99_ms']} ms"
                 f"  errors {res['errors']}")
         d, g = results[sc.key]["direct"], results[sc.key]["gateway"]
-        results[sc.key]["direct_over_gateway"] = round(d["rps"] / g["rps"], 1) if g["rps"] else None
+        ratio = round(d["rps"] / g["rps"], 1) if g["rps"] else None
+        results[sc.key]["direct_over_gateway"] = ratio
+        g["harness_bound"] = is_harness_bound(g, ratio)
     return results
 
 
@@ -1078,6 +1123,14 @@ def _wait_upstream_streams_closed(h: Harness, timeout: float) -> int:
     while (left := h.upstream_stats()["active_streams"]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
+
+
+def is_harness_bound(res: dict[str, Any], direct_over_gateway: float | None) -> bool:
+    """The harness can hardly go faster than the gateway did: direct was under 2x the gateway's
+    throughput, or the gateway had CPU to spare while the load generator + upstream were busy."""
+    aux = res["cpu_pct"].get("loadgen", 0) + res["cpu_pct"].get("upstream", 0)
+    return (direct_over_gateway is not None and direct_over_gateway < 2) or \
+        (res["cpu_pct"].get("gateway", 0) < 90 and aux >= 85)
 
 
 def measure_open_streams(h: Harness, n: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -1139,11 +1192,13 @@ def markdown_report(report: dict[str, Any]) -> str:
     meta, sc = report["meta"], report["scenarios"]
     lines = [
         "## llm-gateway benchmark", "",
-        f"- gateway: `{meta['gateway_cmd']}` workers={meta['workers'] or 'default'}, "
+        f"- gateway: `{meta['gateway_cmd']}` ({meta['gateway_file'] or 'file unknown'}), "
+        f"workers={meta['workers'] or 'default'}, "
         f"CPUs {meta['gateway_cpus'] or 'any'} (pinned: {meta['pinned']['gateway']}); "
         f"fake upstream + load generator on CPUs {meta['aux_cpus'] or 'any'} (pinned: {meta['pinned']['aux']})",
         f"- each run: {meta['warmup_s']} s warm-up, then a {meta['duration_s']} s measured window; "
-        f"SSE gap between upstream events: {meta['sse_gap_ms']} ms (0 = back to back, one write each)",
+        f"upstream SSE: {meta['sse_events_per_write']} event(s) per write, {meta['sse_gap_ms']} ms between writes "
+        "(0 = back to back)",
         f"- {meta['cpu_model']}, {meta['cpus']} CPUs, Python {meta['python']}, {meta['date']}", "",
         "### Direct capacity (load generator -> fake upstream, no gateway)", "",
     ]
@@ -1154,22 +1209,29 @@ def markdown_report(report: dict[str, Any]) -> str:
               f"{_f(cap['gateway_rps'])} req/s through the gateway = **{_f(cap['ratio'])}x** ({verdict})", ""]
 
     lines += ["### Throughput, latency and cost per scenario", "",
-              "| scenario | path | conc | req/s | p50 ms | p99 ms | gw CPU µs/req | gw CPU % | "
-              "gw peak RSS MiB | aux CPU % | other CPU % | errors |",
-              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    for key, s in sc.items():
+              "| scenario | path | conc | req/s | p50 ms | p99 ms | gw CPU µs/req | gw req/s per core (est.) | "
+              "gw CPU % | gw peak RSS MiB | aux CPU % | other CPU % | errors |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for s in sc.values():
         for target in ("direct", "gateway"):
             r = s[target]
             aux = r["cpu_pct"].get("loadgen", 0) + r["cpu_pct"].get("upstream", 0)
             lines.append(
                 f"| {s['title'] if target == 'direct' else ''} | {target} | {s['concurrency']} | {_f(r['rps'])} | "
                 f"{_f(r['p50_ms'], 3)} | {_f(r['p99_ms'], 3)} | {_f(r.get('gw_cpu_us_per_req'))} | "
+                f"{_f(r.get('gw_rps_per_core_est'))} | "
                 f"{_f(r['cpu_pct'].get('gateway'))} | {_mb(r.get('gw_peak_rss_kb'))} | {_f(aux)} | "
                 f"{_f(r.get('other_cpu_pct'))} | "
                 f"{r['errors']}{' ' + json.dumps(r['error_kinds']) if r['errors'] else ''} |")
     lines.append("")
     ratios = ", ".join(f"{k} {_f(s['direct_over_gateway'])}x" for k, s in sc.items())
     lines += [f"direct / gateway throughput: {ratios}", ""]
+    bound = [k for k, s in sc.items() if s["gateway"].get("harness_bound")]
+    if bound:
+        lines += [f"HARNESS-BOUND: {', '.join(bound)}: direct capacity under 2x the gateway's, or the gateway "
+                  "had CPU to spare while the load generator + fake upstream were busy: req/s there is (close to) "
+                  "the harness's limit, not the gateway's; 'gw req/s per core (est.)' = 1e6 / CPU µs per request "
+                  "is the gateway's own figure.", ""]
     samples = [e for s in sc.values() for t in ("direct", "gateway") for e in s[t].get("error_samples", [])]
     if samples:
         lines += ["first error answers:", *(f"- `{e}`" for e in samples[:5]), ""]
@@ -1231,7 +1293,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aux-cpus", default="1", help="CPUs for fake upstream + load generator")
     ap.add_argument("--streams", type=int, default=200, help="slow streams held open for memory per stream")
     ap.add_argument("--sse-gap-ms", type=float, default=0.0,
-                    help="pause between upstream SSE events (default 0: back to back, one write each)")
+                    help="pause between upstream SSE writes (default 0: back to back)")
+    ap.add_argument("--sse-events-per-write", type=int, default=1,
+                    help="SSE events per upstream write (default 1: each event its own send and TCP segment; "
+                         "more gives the harness headroom over a fast gateway, but fewer, larger reads)")
     args = ap.parse_args(argv)
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
@@ -1241,7 +1306,8 @@ def main(argv: list[str] | None = None) -> int:
 
     harness = Harness(gateway_cmd=args.gateway_cmd, workers=args.workers,
                       gateway_cpus=parse_cpus(args.gateway_cpus), aux_cpus=parse_cpus(args.aux_cpus),
-                      sse_gap=args.sse_gap_ms / 1000)
+                      upstream=UpstreamOptions(sse_gap=args.sse_gap_ms / 1000,
+                                               events_per_write=args.sse_events_per_write))
     t0 = time.monotonic()
     log(f"starting fake upstream, load generator and `{args.gateway_cmd}` ...")
     with harness as h:
@@ -1258,9 +1324,11 @@ def main(argv: list[str] | None = None) -> int:
     c1 = scenarios["small_c1"]
     report = {
         "meta": {
-            "gateway_cmd": args.gateway_cmd, "workers": args.workers,
+            "gateway_cmd": args.gateway_cmd, "gateway_file": harness.gateway_file,
+            "workers": args.workers,
             "gateway_cpus": args.gateway_cpus, "aux_cpus": args.aux_cpus, "pinned": harness.pinned,
             "warmup_s": warmup, "duration_s": duration, "sse_gap_ms": args.sse_gap_ms,
+            "sse_events_per_write": args.sse_events_per_write,
             "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": round(time.monotonic() - t0, 1),
             "request_bytes": {"small": len(SMALL_REQUEST), "stream": len(STREAM_REQUEST), "big": len(BIG_REQUEST)},
@@ -1297,4 +1365,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RuntimeError as exc:   # the gateway (or a harness process) did not start
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

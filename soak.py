@@ -16,8 +16,11 @@ gateway with a mix of requests:
 
 The upstream paces SSE events (``--sse-gap-ms``, 1 ms by default) so that a stream is still
 running when its client leaves, and it closes keep-alive connections idle for more than
-``--upstream-idle`` seconds, as real servers do, so that a gateway's pooled connections do not
-count as leaked descriptors.
+``--upstream-idle`` seconds (5 s: uvicorn's default, so llama.cpp's Python server's and vLLM's),
+as real servers do.  That way a gateway that closes its pooled sockets when the upstream does
+gets back to its starting descriptor count; one that keeps them (half-closed, CLOSE_WAIT) until
+its pool is next used does not, and the report shows their TCP states.  It also exposes the
+keep-alive race: a request sent on a pooled connection the upstream is closing at that moment.
 
 Reported: requests completed, intended early disconnects, errors (any non-200, short or
 malformed response, timeout or connection failure that was not an intended disconnect), the
@@ -38,8 +41,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
-    JSON_ANSWER, SMALL_REQUEST, SSE_EXPECTED_EVENTS, STREAM_REQUEST, Harness, RequestKind, fd_count, fd_kinds,
-    parse_cpus, rss_kb,
+    JSON_ANSWER,
+    SMALL_REQUEST,
+    SSE_EXPECTED_EVENTS,
+    STREAM_REQUEST,
+    Harness,
+    RequestKind,
+    UpstreamOptions,
+    fd_count,
+    fd_kinds,
+    parse_cpus,
+    rss_kb,
 )
 
 
@@ -68,12 +80,12 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     kinds = request_mix(args.stream_fraction, args.abort_fraction)
     harness = Harness(gateway_cmd=args.gateway_cmd, workers=args.workers,
                       gateway_cpus=parse_cpus(args.gateway_cpus), aux_cpus=parse_cpus(args.aux_cpus),
-                      sse_gap=args.sse_gap_ms / 1000, upstream_idle_timeout=args.upstream_idle)
+                      upstream=UpstreamOptions(sse_gap=args.sse_gap_ms / 1000, idle_timeout=args.upstream_idle))
     log(f"starting fake upstream, load generator and `{args.gateway_cmd}` ...")
     with harness as h:
         time.sleep(0.5)
         pid = h.gateway_pid
-        start = {"rss_kb": rss_kb(pid), "fds": fd_count(pid), "fd_kinds": fd_kinds(pid)}
+        start: dict[str, Any] = {"rss_kb": rss_kb(pid), "fds": fd_count(pid), "fd_kinds": fd_kinds(pid)}
         log(f"load: {args.warmup:g} s warm-up + {args.duration:g} s at concurrency {args.concurrency} ...")
         load = h.run_load("gateway", kinds, args.concurrency, args.warmup, args.duration,
                           timeout=args.timeout, rss_every=1.0)
@@ -81,7 +93,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         log(f"load done; waiting up to {args.settle_timeout:g} s for the gateway's fds to return to "
             f"{start['fds']} (now {after_load['fds']}) ...")
         fds_end, waited = settle_fds(pid, start["fds"], args.settle_timeout)
-        end = {"rss_kb": rss_kb(pid), "fds": fds_end, "settle_s": waited, "fd_kinds": fd_kinds(pid)}
+        end: dict[str, Any] = {"rss_kb": rss_kb(pid), "fds": fds_end, "settle_s": waited, "fd_kinds": fd_kinds(pid)}
         if fds_end > start["fds"]:
             # Diagnostic only (does not change the verdict): a gateway whose pool drops dead
             # connections only when it is next used gets them back after one more request.
@@ -90,7 +102,8 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         upstream = h.upstream_stats()
         alive = h.gateway is not None and h.gateway.poll() is None
         log_tail = h.gateway_log_tail() if not alive else ""
-    return {"start": start, "load": load, "after_load": after_load, "end": end, "upstream": upstream,
+    return {"gateway_file": harness.gateway_file, "start": start, "load": load, "after_load": after_load,
+            "end": end, "upstream": upstream,
             "gateway_alive": alive, "gateway_log_tail": log_tail}
 
 
@@ -130,7 +143,8 @@ def summary(args: argparse.Namespace, r: dict[str, Any]) -> tuple[str, bool]:
         ("gateway alive at the end", "yes" if r["gateway_alive"] else "**NO**"),
         ("result", "**PASS**" if passed else "**FAIL**"),
     ]
-    lines = [f"## llm-gateway soak: `{args.gateway_cmd}`, {args.duration:g} s at concurrency "
+    lines = [f"## llm-gateway soak: `{args.gateway_cmd}` ({r['gateway_file'] or 'file unknown'}), "
+             f"{args.duration:g} s at concurrency "
              f"{args.concurrency}, {args.stream_fraction:.0%} streams of which {args.abort_fraction:.0%} of all "
              f"requests hang up early", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--abort-fraction", type=float, default=0.1,
                     help="share of all requests whose client hangs up mid-stream")
     ap.add_argument("--sse-gap-ms", type=float, default=1.0, help="upstream pause between SSE events")
-    ap.add_argument("--upstream-idle", type=float, default=2.0,
+    ap.add_argument("--upstream-idle", type=float, default=5.0,
                     help="the upstream closes keep-alive connections idle this long (seconds)")
     ap.add_argument("--timeout", type=float, default=30.0, help="a request taking longer is an error")
     ap.add_argument("--settle-timeout", type=float, default=15.0,
@@ -177,4 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RuntimeError as exc:   # the gateway (or a harness process) did not start
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
