@@ -1297,6 +1297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sse-events-per-write", type=int, default=1,
                     help="SSE events per upstream write (default 1: each event its own send and TCP segment; "
                          "more gives the harness headroom over a fast gateway, but fewer, larger reads)")
+    ap.add_argument("--log-level", default="warning",
+                    help="the gateway's LOG_LEVEL (default warning; info writes one access line per request)")
     args = ap.parse_args(argv)
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
@@ -1307,7 +1309,8 @@ def main(argv: list[str] | None = None) -> int:
     harness = Harness(gateway_cmd=args.gateway_cmd, workers=args.workers,
                       gateway_cpus=parse_cpus(args.gateway_cpus), aux_cpus=parse_cpus(args.aux_cpus),
                       upstream=UpstreamOptions(sse_gap=args.sse_gap_ms / 1000,
-                                               events_per_write=args.sse_events_per_write))
+                                               events_per_write=args.sse_events_per_write),
+                      log_level=args.log_level)
     t0 = time.monotonic()
     log(f"starting fake upstream, load generator and `{args.gateway_cmd}` ...")
     with harness as h:
@@ -1325,7 +1328,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "meta": {
             "gateway_cmd": args.gateway_cmd, "gateway_file": harness.gateway_file,
-            "workers": args.workers,
+            "workers": args.workers, "log_level": args.log_level,
             "gateway_cpus": args.gateway_cpus, "aux_cpus": args.aux_cpus, "pinned": harness.pinned,
             "warmup_s": warmup, "duration_s": duration, "sse_gap_ms": args.sse_gap_ms,
             "sse_events_per_write": args.sse_events_per_write,
