@@ -114,7 +114,7 @@ class Settings:
             max_body_bytes=_number(env, "MAX_BODY_BYTES", 32 * MiB, int),
             gateway_api_keys=tuple(k.strip().encode() for k in env.get("GATEWAY_API_KEYS", "").split(",") if k.strip()),
             gateway_id=env.get("GATEWAY_ID") or secrets.token_hex(6),
-            log_level=(env.get("LOG_LEVEL") or "info").upper(),
+            log_level=_log_level(env.get("LOG_LEVEL") or "info"),
         )
 
 
@@ -149,6 +149,12 @@ def _parse_backends(spec: str) -> Iterable[tuple[str, str]]:
         if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
             raise ConfigError(f"BACKENDS entries look like name=url (name of letters, digits, '_', '-', '.'), got {item!r}")
         yield name, url.strip()
+
+
+def _log_level(name: str) -> str:
+    if name.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"LOG_LEVEL must be debug, info, warning or error, got {name!r}")
+    return name.upper()
 
 
 def _number(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
@@ -204,6 +210,13 @@ def error_response(
 # ---------------------------------------------------------------------------------------------
 
 MAX_MODEL_NAME = 1024
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape(value: str) -> str:
+    """`value` with control characters escaped, so that no client can forge a log line."""
+    return _CONTROL_CHARS.sub(lambda m: m.group().encode("unicode_escape").decode(), value)
 
 
 def route_model(model: str, settings: Settings) -> tuple[Backend, str]:
@@ -791,7 +804,7 @@ async def proxy(request: Request) -> Response | Relay:
     settings: Settings = request.app.state.settings
     path = upstream_path(request.scope["raw_path"])
     payload = parse_payload(await read_body(request, settings.max_body_bytes))
-    request.state.model = payload["model"]
+    request.state.model = payload["model"]  # logged as sent, should routing refuse it
     backend, model = route_model(payload["model"], settings)
     request.state.backend, request.state.model = backend.name, model
     payload["model"] = model
@@ -903,14 +916,6 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "the gateway failed to handle this request; see its log", type="server_error")
 
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def escape(value: str) -> str:
-    """`value` with control characters escaped, so that no client can forge a log line."""
-    return _CONTROL_CHARS.sub(lambda m: m.group().encode("unicode_escape").decode(), value)
-
-
 class AccessLog:
     """One log line per request: what was asked, where it went, and how it went."""
 
@@ -940,12 +945,13 @@ class AccessLog:
         finally:
             ended = time.perf_counter()
             ttfb = (first_byte or ended) - started
-            logger.info(
-                "%s %s backend=%s model=%s status=%d ttfb_ms=%.1f total_ms=%.1f bytes=%d%s",
-                scope["method"], escape(scope["path"]), state.get("backend", "-"), escape(state.get("model", "-")),
-                status, ttfb * 1000, (ended - started) * 1000, sent,
-                f" ({state['outcome']})" if "outcome" in state else "",
-            )
+            if logger.isEnabledFor(logging.INFO):  # spare the escaping when nobody reads the line
+                    logger.info(
+                    "%s %s backend=%s model=%s status=%d ttfb_ms=%.1f total_ms=%.1f bytes=%d%s",
+                    scope["method"], escape(scope["path"]), state.get("backend", "-"), escape(state.get("model", "-")),
+                    status, ttfb * 1000, (ended - started) * 1000, sent,
+                    f" ({state['outcome']})" if "outcome" in state else "",
+                )
 
 
 class Endpoint:
@@ -1044,7 +1050,7 @@ def main(argv: list[str] | None = None) -> None:
     uvicorn.run(
         "gateway:app" if args.workers > 1 else app,
         host=args.host, port=args.port, workers=args.workers,
-        log_level=SETTINGS.log_level.lower(), access_log=False,
+        log_level=SETTINGS.log_level.lower(), access_log=False, proxy_headers=False,
     )
 
 

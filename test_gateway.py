@@ -308,7 +308,8 @@ def test_dotenv_file_does_not_override_the_environment(tmp_path: Path) -> None:
 def test_env_example_documents_every_setting() -> None:
     source = (ROOT / "gateway.py").read_text()
     example = (ROOT / ".env.example").read_text()
-    read = set(re.findall(r'"([A-Z][A-Z_]+)"', source)) - {"GET", "POST"}
+    read = set(re.findall(r'(?:env\.get\(|environ\.get\(|_number\(env, )"([A-Z][A-Z_]+)"', source))
+    assert {"OLLAMA_BASE_URL", "READ_TIMEOUT", "PORT"} <= read
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z_]+)=", example, re.MULTILINE))
     assert read <= documented, f"undocumented: {read - documented}"
 
@@ -443,6 +444,13 @@ def test_empty_upstream_model_is_refused() -> None:
     with pytest.raises(gateway.GatewayError) as caught:
         routed("ollama:")
     assert caught.value.status == 400 and caught.value.param == "model"
+
+
+@pytest.mark.parametrize(("name", "value"), [("READ_TIMEOUT", "soon"), ("MAX_CONNECTIONS", "-1"), ("LOG_LEVEL", "loud"),
+                                             ("BACKENDS", "no-url-here"), ("BACKENDS", "x=ftp://host/v1")])
+def test_unusable_setting_is_refused_at_start_with_its_name(name: str, value: str) -> None:
+    with pytest.raises(gateway.ConfigError, match=name if name != "BACKENDS" else "BACKENDS|backend 'x'"):
+        settings(**{name: value})
 
 
 def test_default_backend_must_name_a_backend() -> None:
