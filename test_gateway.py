@@ -1188,6 +1188,22 @@ def test_slow_client_is_not_mistaken_for_a_silent_upstream(gateway_with: Callabl
     assert received == body
 
 
+def test_request_beyond_max_connections_gets_503_after_waiting(gateway_with: Callable, upstream: Upstream) -> None:
+    async def thinking(seen: Seen, receive: Any, send: Any) -> None:
+        await upstream.wait_for_disconnect(receive)
+
+    upstream.handler = thinking
+    url = gateway_with(MAX_CONNECTIONS="1", CONNECT_TIMEOUT="0.2")
+    holder = raw_request(url, b'{"model": "fake:m"}')  # takes the one upstream connection
+    assert upstream.received.wait(5)
+    response = post(url)
+    assert response.status_code == 503 and "MAX_CONNECTIONS" in error_of(response)["message"]
+    holder.close()
+    assert upstream.disconnected.wait(1.0)
+    upstream.handler = None
+    assert eventually(lambda: post(url).status_code == 200)
+
+
 def raise_open_files_limit(needed: int) -> None:
     import resource
 
