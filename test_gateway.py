@@ -43,6 +43,7 @@ from gateway import Settings, create_app, route_model
 
 ROOT = Path(__file__).parent
 TIMEOUT = httpx.Timeout(10.0)
+MiB = 1024 * 1024
 
 # ---------------------------------------------------------------------------------------------
 # Real servers on 127.0.0.1
@@ -230,6 +231,66 @@ async def echo_completion(seen: Seen, receive: Any, send: Any) -> None:
         body = json.dumps(completion(payload.get("model", ""))).encode()
         await answer(200, body, [("content-type", "application/json")])(seen, receive, send)
 
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/v1"
+
+
+@contextmanager
+def silent_server() -> Iterator[str]:
+    """A server that accepts connections and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+@contextmanager
+def full_backlog_server() -> Iterator[str]:
+    """A server whose accept queue is full, so that new connections hang in their handshake."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+
+
+def raw_request(gw: str, body: bytes) -> socket.socket:
+    """Send a chat request on a raw connection, so the test decides when the client goes away."""
+    sock = socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    return data
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes or pauses for 5 s."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+        if b"\r\n\r\n" in data and data.split(b"\r\n\r\n", 1)[1].endswith(b"}"):
+            break
+    return data
+
+
+def settled(read: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> int:
+    """The value of `read()` once it has stopped changing for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"still changing after {timeout} s: {last}"
+        time.sleep(0.02)
+        if (now := read()) != last:
+            last, since = now, time.monotonic()
+    return last
 
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:
@@ -802,208 +863,6 @@ def test_hop_by_hop_and_set_cookie_are_not_passed_back(upstream: Upstream, gw: s
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Errors
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("body", "says"),
-    [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b'{"messages": []}', "'model'"),
-     (b'{"model": 7}', "'model'"), (b'{"model": "m", "temperature": NaN}', "not valid JSON"),
-     (b"", "not valid JSON")],
-)
-def test_bad_request_bodies_get_a_400_that_says_what_to_change(gw: str, upstream: Upstream, body: bytes,
-                                                               says: str) -> None:
-    response = post(gw, json=None, content=body)
-    assert response.status_code == 400 and says in error_of(response)["message"]
-    assert error_of(response)["type"] == "invalid_request_error"
-    assert upstream.requests == []
-
-
-def dead_url() -> str:
-    return f"http://127.0.0.1:{free_port()}/v1"
-
-
-def test_unreachable_upstream_is_a_502_naming_backend_and_url(gateway_with: Callable) -> None:
-    dead = dead_url()
-    url = gateway_with(OLLAMA_BASE_URL=dead, OLLAMA_API_KEY="sk-secret-ollama")
-    response = post(url, json={"model": "ollama:qwen2.5", "messages": []})
-    assert response.status_code == 502
-    message = error_of(response)["message"]
-    assert "'ollama'" in message and f"{dead}/chat/completions" in message
-    assert "sk-secret-ollama" not in response.text
-    assert response.headers["x-gateway-backend"] == "ollama"
-
-
-def test_gateway_keeps_serving_after_an_unreachable_upstream(gateway_with: Callable) -> None:
-    url = gateway_with(OLLAMA_BASE_URL=dead_url())
-    assert post(url, json={"model": "ollama:qwen2.5"}).status_code == 502
-    assert post(url).status_code == 200
-
-
-@contextmanager
-def silent_server() -> Iterator[str]:
-    """A server that accepts connections and never answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-
-
-def test_upstream_that_never_answers_is_a_504(gateway_with: Callable) -> None:
-    with silent_server() as silent:
-        url = gateway_with(OLLAMA_BASE_URL=silent, READ_TIMEOUT="0.3")
-        response = post(url, json={"model": "ollama:qwen2.5"})
-    assert response.status_code == 504 and error_of(response)["code"] == "upstream_timeout"
-
-
-def raw_request(gw: str, body: bytes) -> socket.socket:
-    """Send a chat request on a raw connection, so the test decides when the client goes away."""
-    sock = socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    return sock
-
-
-def read_until(sock: socket.socket, marker: bytes) -> bytes:
-    data = b""
-    while marker not in data and (chunk := sock.recv(65536)):
-        data += chunk
-    return data
-
-
-def test_client_disconnect_before_first_byte_closes_the_upstream_request(gw: str, upstream: Upstream) -> None:
-    async def thinking(seen: Seen, receive: Any, send: Any) -> None:
-        await upstream.wait_for_disconnect(receive)
-
-    upstream.handler = thinking
-    sock = raw_request(gw, b'{"model": "fake:m"}')
-    assert upstream.received.wait(5)
-    sock.close()
-    assert upstream.disconnected.wait(1.0)
-
-
-def test_client_disconnect_mid_stream_closes_the_upstream_request(gw: str, upstream: Upstream) -> None:
-    async def streaming(seen: Seen, receive: Any, send: Any) -> None:
-        await start(send, 200, [("content-type", "text/event-stream")])
-        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
-        await upstream.wait_for_disconnect(receive)
-
-    upstream.handler = streaming
-    sock = raw_request(gw, b'{"model": "fake:m", "stream": true}')
-    assert b"data: one" in read_until(sock, b"data: one")
-    sock.close()
-    assert upstream.disconnected.wait(1.0)
-
-
-def test_upstream_dying_mid_stream_aborts_the_clients_response(gw: str, upstream: Upstream) -> None:
-    async def dying(seen: Seen, receive: Any, send: Any) -> None:
-        await start(send, 200, [("content-type", "text/event-stream")])
-        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
-        raise ConnectionAbortedError("upstream crashed")  # uvicorn drops the connection
-
-    upstream.handler = dying
-    with pytest.raises(httpx.RemoteProtocolError):
-        with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m"}, timeout=TIMEOUT) as r:
-            r.read()
-
-
-def test_sdk_stream_raises_when_the_upstream_dies_mid_stream(gw: str, upstream: Upstream) -> None:
-    async def dying(seen: Seen, receive: Any, send: Any) -> None:
-        await start(send, 200, [("content-type", "text/event-stream")])
-        await send({"type": "http.response.body", "body": sse_chunks()[0], "more_body": True})
-        raise ConnectionAbortedError("upstream crashed")
-
-    upstream.handler = dying
-    with pytest.raises(openai.APIError):
-        list(sdk(gw).chat.completions.create(model="fake:m", messages=[], stream=True))
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Observability
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def access_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
-    caplog.set_level(logging.INFO, logger="llm_gateway")
-    return lambda: [r.getMessage() for r in caplog.records if r.name == "llm_gateway" and "status=" in r.message]
-
-
-def test_one_log_line_per_request_with_its_facts(gw: str, access_log: Callable[[], list[str]]) -> None:
-    post(gw, json={"model": "fake:qwen2.5", "messages": []})
-    [line] = eventually(access_log)
-    assert line.startswith("POST /v1/chat/completions backend=fake model=qwen2.5 status=200 ttfb_ms=")
-    assert "total_ms=" in line and f"bytes={len(json.dumps(completion()))}" in line
-
-
-def test_log_line_for_an_error_the_gateway_made(gw: str, access_log: Callable[[], list[str]]) -> None:
-    post(gw, content=b"nope", json=None)
-    [line] = eventually(access_log)
-    assert "backend=- model=- status=400" in line
-
-
-def test_control_characters_in_logged_values_are_escaped(gw: str, access_log: Callable[[], list[str]]) -> None:
-    post(gw, json={"model": "fake:evil\nFAKE LINE status=200", "messages": []})
-    post(gw, "/v1/x%0Aforged")
-    lines = eventually(lambda: len(access_log()) == 2 and access_log())
-    assert not any("\n" in line for line in lines)
-    assert "evil\\nFAKE LINE" in lines[0] and "/v1/x\\nforged" in lines[1]
-
-
-def test_log_level_setting_silences_access_lines(tmp_path: Path) -> None:
-    out = run_python("import gateway, logging; print(gateway.logger.isEnabledFor(logging.INFO))", tmp_path,
-                     {"LOG_LEVEL": "warning"})
-    assert out == "False"
-
-
-def test_responses_carry_the_chosen_backend(gw: str) -> None:
-    assert post(gw).headers["x-gateway-backend"] == "fake"
-
-
-def test_client_disconnect_is_logged(gw: str, upstream: Upstream, access_log: Callable[[], list[str]]) -> None:
-    async def thinking(seen: Seen, receive: Any, send: Any) -> None:
-        await upstream.wait_for_disconnect(receive)
-
-    upstream.handler = thinking
-    sock = raw_request(gw, b'{"model": "fake:m"}')
-    assert upstream.received.wait(5)
-    sock.close()
-    [line] = eventually(access_log)
-    assert "(client disconnected)" in line
-
-
-# ---------------------------------------------------------------------------------------------
-# Unit tests with a mocked upstream (pytest-httpx)
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def mocked_gateway() -> Iterator[TestClient]:
-    app = create_app(settings(BACKENDS="vllm=https://vllm.test/v1", DEFAULT_BACKEND="vllm"))
-    with TestClient(app) as client:
-        yield client
-
-
-def test_mocked_upstream_sees_the_rewritten_request(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
-    httpx_mock.add_response(url="https://vllm.test/v1/chat/completions", json=completion("llama"))
-    response = mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama", "messages": []})
-    assert response.json()["model"] == "llama"
-    assert json.loads(httpx_mock.get_request().content) == {"model": "llama", "messages": []}
-
-
-def test_mocked_upstream_timeout_is_a_504(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
-    httpx_mock.add_exception(httpx.ReadTimeout("timed out"))
-    response = mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama"})
-    assert response.status_code == 504 and "'vllm'" in error_of(response)["message"]
-
-
-def test_mocked_connect_timeout_is_a_504(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
-    httpx_mock.add_exception(httpx.ConnectTimeout("timed out"))
-    assert mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama"}).status_code == 504
-
-
-# ---------------------------------------------------------------------------------------------
 # 5. Safety: gateway keys
 # ---------------------------------------------------------------------------------------------
 
@@ -1051,16 +910,6 @@ def test_gateway_key_sent_as_x_api_key_is_not_forwarded(locked: str, upstream: U
 # ---------------------------------------------------------------------------------------------
 # 5. Safety: body size
 # ---------------------------------------------------------------------------------------------
-
-
-def read_response(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes or pauses for 5 s."""
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-        if b"\r\n\r\n" in data and data.split(b"\r\n\r\n", 1)[1].endswith(b"}"):
-            break
-    return data
 
 
 def test_declared_body_over_the_limit_gets_413_before_it_is_sent(gateway_with: Callable, upstream: Upstream) -> None:
@@ -1129,16 +978,6 @@ def test_start_up_warns_when_a_backend_points_at_the_gateway() -> None:
 # ---------------------------------------------------------------------------------------------
 # 5. Safety: timeouts and concurrency
 # ---------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def full_backlog_server() -> Iterator[str]:
-    """A server whose accept queue is full, so that new connections hang in their handshake."""
-    with socket.socket() as listener, socket.socket() as filler:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        filler.connect(listener.getsockname())
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
 
 
 def test_connect_timeout_is_a_504(gateway_with: Callable) -> None:
@@ -1248,91 +1087,6 @@ def test_300_concurrent_slow_streams_all_complete(gw: str, upstream: Upstream) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Faults, injected for real
-# ---------------------------------------------------------------------------------------------
-
-
-def test_upstream_connections_are_kept_alive_and_reused(upstream: Upstream, gw: str) -> None:
-    for stream in (False, True, False):
-        post(gw, json={"model": "fake:m", "stream": stream})
-    assert len({seen.client_port for seen in upstream.requests}) == 1
-
-
-def test_upstream_connection_closed_mid_answer_is_not_reused(upstream: Upstream, gw: str) -> None:
-    async def streaming(seen: Seen, receive: Any, send: Any) -> None:
-        await start(send, 200, [("content-type", "text/event-stream")])
-        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
-        await upstream.wait_for_disconnect(receive)
-
-    upstream.handler = streaming
-    sock = raw_request(gw, b'{"model": "fake:m"}')
-    assert b"data: one" in read_until(sock, b"data: one")
-    sock.close()
-    assert upstream.disconnected.wait(1.0)
-    upstream.handler = None
-    assert post(gw).status_code == 200
-    assert upstream.requests[0].client_port != upstream.requests[1].client_port
-
-
-def test_upstream_restart_between_requests_is_invisible_to_clients(gateway_with: Callable) -> None:
-    sock = bound_socket()
-    port = sock.getsockname()[1]
-    url = gateway_with(OLLAMA_BASE_URL=f"http://127.0.0.1:{port}")
-    with serve(Upstream(), sock):
-        assert post(url, json={"model": "ollama:m"}).status_code == 200
-    with serve(Upstream(), bound_socket(port)):  # a new process would look the same: the old connections are gone
-        assert post(url, json={"model": "ollama:m"}).status_code == 200
-
-
-def test_upstream_closing_idle_connections_is_invisible_to_clients(gateway_with: Callable) -> None:
-    with uvicorn_server(Upstream(), timeout_keep_alive=0.05) as server:
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = gateway_with(OLLAMA_BASE_URL=f"http://127.0.0.1:{port}")
-        for _ in range(3):
-            assert post(url, json={"model": "ollama:m"}).status_code == 200
-            eventually(lambda: not server.server_state.connections)  # the upstream closed the idle connection
-
-
-def settled(read: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> int:
-    """The value of `read()` once it has stopped changing for `quiet` seconds."""
-    deadline = time.monotonic() + timeout
-    last, since = read(), time.monotonic()
-    while time.monotonic() - since < quiet:
-        assert time.monotonic() < deadline, f"still changing after {timeout} s: {last}"
-        time.sleep(0.02)
-        if (now := read()) != last:
-            last, since = now, time.monotonic()
-    return last
-
-
-def test_slow_client_holds_back_a_fast_stream(gw: str, upstream: Upstream) -> None:
-    chunk, sent = b"x" * MiB, [0]
-
-    async def firehose(seen: Seen, receive: Any, send: Any) -> None:
-        await start(send, 200, [("content-type", "application/octet-stream")])
-        for _ in range(4096):  # 4 GiB, if nothing held it back
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            sent[0] += len(chunk)
-            if upstream.disconnected.is_set():
-                return
-        await send({"type": "http.response.body", "body": b""})
-
-    async def firehose_watching(seen: Seen, receive: Any, send: Any) -> None:
-        await asyncio.gather(firehose(seen, receive, send), upstream.wait_for_disconnect(receive))
-
-    upstream.handler = firehose_watching
-    sock = raw_request(gw, b'{"model": "fake:m"}')
-    assert sock.recv(100).startswith(b"HTTP/1.1 200")  # then the client stops reading
-    held_back_at = settled(lambda: sent[0])
-    assert held_back_at < 64 * MiB, f"the upstream got {held_back_at} bytes out to a client that reads nothing"
-    sock.close()
-    assert upstream.disconnected.wait(2)
-
-
-MiB = 1024 * 1024
-
-
-# ---------------------------------------------------------------------------------------------
 # 5. No secret in any log line or error body
 # ---------------------------------------------------------------------------------------------
 
@@ -1384,6 +1138,221 @@ def test_no_key_or_message_content_reaches_a_log_line_or_error_body(
     assert "status=" in logged  # the access log was captured
     for secret in [*SECRETS.values(), GATEWAY_KEY, CONTENT]:
         assert secret not in seen_by_user and secret not in logged, secret
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b'{"messages": []}', "'model'"),
+     (b'{"model": 7}', "'model'"), (b'{"model": "m", "temperature": NaN}', "not valid JSON"),
+     (b"", "not valid JSON")],
+)
+def test_bad_request_bodies_get_a_400_that_says_what_to_change(gw: str, upstream: Upstream, body: bytes,
+                                                               says: str) -> None:
+    response = post(gw, json=None, content=body)
+    assert response.status_code == 400 and says in error_of(response)["message"]
+    assert error_of(response)["type"] == "invalid_request_error"
+    assert upstream.requests == []
+
+
+def test_unreachable_upstream_is_a_502_naming_backend_and_url(gateway_with: Callable) -> None:
+    dead = dead_url()
+    url = gateway_with(OLLAMA_BASE_URL=dead, OLLAMA_API_KEY="sk-secret-ollama")
+    response = post(url, json={"model": "ollama:qwen2.5", "messages": []})
+    assert response.status_code == 502
+    message = error_of(response)["message"]
+    assert "'ollama'" in message and f"{dead}/chat/completions" in message
+    assert "sk-secret-ollama" not in response.text
+    assert response.headers["x-gateway-backend"] == "ollama"
+
+
+def test_gateway_keeps_serving_after_an_unreachable_upstream(gateway_with: Callable) -> None:
+    url = gateway_with(OLLAMA_BASE_URL=dead_url())
+    assert post(url, json={"model": "ollama:qwen2.5"}).status_code == 502
+    assert post(url).status_code == 200
+
+
+def test_upstream_that_never_answers_is_a_504(gateway_with: Callable) -> None:
+    with silent_server() as silent:
+        url = gateway_with(OLLAMA_BASE_URL=silent, READ_TIMEOUT="0.3")
+        response = post(url, json={"model": "ollama:qwen2.5"})
+    assert response.status_code == 504 and error_of(response)["code"] == "upstream_timeout"
+
+
+def test_client_disconnect_before_first_byte_closes_the_upstream_request(gw: str, upstream: Upstream) -> None:
+    async def thinking(seen: Seen, receive: Any, send: Any) -> None:
+        await upstream.wait_for_disconnect(receive)
+
+    upstream.handler = thinking
+    sock = raw_request(gw, b'{"model": "fake:m"}')
+    assert upstream.received.wait(5)
+    sock.close()
+    assert upstream.disconnected.wait(1.0)
+
+
+def test_client_disconnect_mid_stream_closes_the_upstream_request(gw: str, upstream: Upstream) -> None:
+    async def streaming(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
+        await upstream.wait_for_disconnect(receive)
+
+    upstream.handler = streaming
+    sock = raw_request(gw, b'{"model": "fake:m", "stream": true}')
+    assert b"data: one" in read_until(sock, b"data: one")
+    sock.close()
+    assert upstream.disconnected.wait(1.0)
+
+
+def test_upstream_dying_mid_stream_aborts_the_clients_response(gw: str, upstream: Upstream) -> None:
+    async def dying(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
+        raise ConnectionAbortedError("upstream crashed")  # uvicorn drops the connection
+
+    upstream.handler = dying
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m"}, timeout=TIMEOUT) as r:
+            r.read()
+
+
+def test_sdk_stream_raises_when_the_upstream_dies_mid_stream(gw: str, upstream: Upstream) -> None:
+    async def dying(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        await send({"type": "http.response.body", "body": sse_chunks()[0], "more_body": True})
+        raise ConnectionAbortedError("upstream crashed")
+
+    upstream.handler = dying
+    with pytest.raises(openai.APIError):
+        list(sdk(gw).chat.completions.create(model="fake:m", messages=[], stream=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Observability
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def access_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
+    caplog.set_level(logging.INFO, logger="llm_gateway")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "llm_gateway" and "status=" in r.message]
+
+
+def test_one_log_line_per_request_with_its_facts(gw: str, access_log: Callable[[], list[str]]) -> None:
+    post(gw, json={"model": "fake:qwen2.5", "messages": []})
+    [line] = eventually(access_log)
+    assert line.startswith("POST /v1/chat/completions backend=fake model=qwen2.5 status=200 ttfb_ms=")
+    assert "total_ms=" in line and f"bytes={len(json.dumps(completion()))}" in line
+
+
+def test_log_line_for_an_error_the_gateway_made(gw: str, access_log: Callable[[], list[str]]) -> None:
+    post(gw, content=b"nope", json=None)
+    [line] = eventually(access_log)
+    assert "backend=- model=- status=400" in line
+
+
+def test_control_characters_in_logged_values_are_escaped(gw: str, access_log: Callable[[], list[str]]) -> None:
+    post(gw, json={"model": "fake:evil\nFAKE LINE status=200", "messages": []})
+    post(gw, "/v1/x%0Aforged")
+    lines = eventually(lambda: len(access_log()) == 2 and access_log())
+    assert not any("\n" in line for line in lines)
+    assert "evil\\nFAKE LINE" in lines[0] and "/v1/x\\nforged" in lines[1]
+
+
+def test_log_level_setting_silences_access_lines(tmp_path: Path) -> None:
+    out = run_python("import gateway, logging; print(gateway.logger.isEnabledFor(logging.INFO))", tmp_path,
+                     {"LOG_LEVEL": "warning"})
+    assert out == "False"
+
+
+def test_responses_carry_the_chosen_backend(gw: str) -> None:
+    assert post(gw).headers["x-gateway-backend"] == "fake"
+
+
+def test_client_disconnect_is_logged(gw: str, upstream: Upstream, access_log: Callable[[], list[str]]) -> None:
+    async def thinking(seen: Seen, receive: Any, send: Any) -> None:
+        await upstream.wait_for_disconnect(receive)
+
+    upstream.handler = thinking
+    sock = raw_request(gw, b'{"model": "fake:m"}')
+    assert upstream.received.wait(5)
+    sock.close()
+    [line] = eventually(access_log)
+    assert "(client disconnected)" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, injected for real
+# ---------------------------------------------------------------------------------------------
+
+
+def test_upstream_connections_are_kept_alive_and_reused(upstream: Upstream, gw: str) -> None:
+    for stream in (False, True, False):
+        post(gw, json={"model": "fake:m", "stream": stream})
+    assert len({seen.client_port for seen in upstream.requests}) == 1
+
+
+def test_upstream_connection_closed_mid_answer_is_not_reused(upstream: Upstream, gw: str) -> None:
+    async def streaming(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "text/event-stream")])
+        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
+        await upstream.wait_for_disconnect(receive)
+
+    upstream.handler = streaming
+    sock = raw_request(gw, b'{"model": "fake:m"}')
+    assert b"data: one" in read_until(sock, b"data: one")
+    sock.close()
+    assert upstream.disconnected.wait(1.0)
+    upstream.handler = None
+    assert post(gw).status_code == 200
+    assert upstream.requests[0].client_port != upstream.requests[1].client_port
+
+
+def test_upstream_restart_between_requests_is_invisible_to_clients(gateway_with: Callable) -> None:
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    url = gateway_with(OLLAMA_BASE_URL=f"http://127.0.0.1:{port}")
+    with serve(Upstream(), sock):
+        assert post(url, json={"model": "ollama:m"}).status_code == 200
+    with serve(Upstream(), bound_socket(port)):  # a new process would look the same: the old connections are gone
+        assert post(url, json={"model": "ollama:m"}).status_code == 200
+
+
+def test_upstream_closing_idle_connections_is_invisible_to_clients(gateway_with: Callable) -> None:
+    with uvicorn_server(Upstream(), timeout_keep_alive=0.05) as server:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = gateway_with(OLLAMA_BASE_URL=f"http://127.0.0.1:{port}")
+        for _ in range(3):
+            assert post(url, json={"model": "ollama:m"}).status_code == 200
+            eventually(lambda: not server.server_state.connections)  # the upstream closed the idle connection
+
+
+def test_slow_client_holds_back_a_fast_stream(gw: str, upstream: Upstream) -> None:
+    chunk, sent = b"x" * MiB, [0]
+
+    async def firehose(seen: Seen, receive: Any, send: Any) -> None:
+        await start(send, 200, [("content-type", "application/octet-stream")])
+        for _ in range(4096):  # 4 GiB, if nothing held it back
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent[0] += len(chunk)
+            if upstream.disconnected.is_set():
+                return
+        await send({"type": "http.response.body", "body": b""})
+
+    async def firehose_watching(seen: Seen, receive: Any, send: Any) -> None:
+        await asyncio.gather(firehose(seen, receive, send), upstream.wait_for_disconnect(receive))
+
+    upstream.handler = firehose_watching
+    sock = raw_request(gw, b'{"model": "fake:m"}')
+    assert sock.recv(100).startswith(b"HTTP/1.1 200")  # then the client stops reading
+    held_back_at = settled(lambda: sent[0])
+    assert held_back_at < 64 * MiB, f"the upstream got {held_back_at} bytes out to a client that reads nothing"
+    sock.close()
+    assert upstream.disconnected.wait(2)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1499,6 +1468,36 @@ def test_duplicate_model_keys_reach_the_backend_as_the_one_model_routed_by(upstr
     response = post(gw, content=b'{"model": "other:a", "messages": [], "model": "fake:b"}', json=None)
     assert response.status_code == 200
     assert upstream.last.body.count(b'"model"') == 1 and upstream.last.json()["model"] == "b"
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit tests with a mocked upstream (pytest-httpx)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mocked_gateway() -> Iterator[TestClient]:
+    app = create_app(settings(BACKENDS="vllm=https://vllm.test/v1", DEFAULT_BACKEND="vllm"))
+    with TestClient(app) as client:
+        yield client
+
+
+def test_mocked_upstream_sees_the_rewritten_request(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
+    httpx_mock.add_response(url="https://vllm.test/v1/chat/completions", json=completion("llama"))
+    response = mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama", "messages": []})
+    assert response.json()["model"] == "llama"
+    assert json.loads(httpx_mock.get_request().content) == {"model": "llama", "messages": []}
+
+
+def test_mocked_upstream_timeout_is_a_504(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
+    httpx_mock.add_exception(httpx.ReadTimeout("timed out"))
+    response = mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama"})
+    assert response.status_code == 504 and "'vllm'" in error_of(response)["message"]
+
+
+def test_mocked_connect_timeout_is_a_504(httpx_mock: HTTPXMock, mocked_gateway: TestClient) -> None:
+    httpx_mock.add_exception(httpx.ConnectTimeout("timed out"))
+    assert mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama"}).status_code == 504
 
 
 # ---------------------------------------------------------------------------------------------
