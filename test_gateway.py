@@ -159,6 +159,16 @@ class Upstream:
             pass
         self.disconnected.set()
 
+    async def think_until_disconnect(self, seen: Seen, receive: Any, send: Any) -> None:
+        """A handler that never answers: an LLM still reading a long prompt."""
+        await self.wait_for_disconnect(receive)
+
+    async def stream_one_event_then_hold(self, seen: Seen, receive: Any, send: Any) -> None:
+        """A handler that starts a stream, sends one event, and holds the stream open."""
+        await start(send, 200, [("content-type", "text/event-stream")])
+        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
+        await self.wait_for_disconnect(receive)
+
     @property
     def last(self) -> Seen:
         return self.requests[-1]
@@ -232,7 +242,6 @@ async def echo_completion(seen: Seen, receive: Any, send: Any) -> None:
         await answer(200, body, [("content-type", "application/json")])(seen, receive, send)
 
 
-
 def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}/v1"
 
@@ -272,7 +281,7 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
 
 
 def read_response(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes or pauses for 5 s."""
+    """A response with a JSON body, read until the body's end or the server closes."""
     data = b""
     while chunk := sock.recv(65536):
         data += chunk
@@ -291,6 +300,7 @@ def settled(read: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) 
         if (now := read()) != last:
             last, since = now, time.monotonic()
     return last
+
 
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:
@@ -988,12 +998,7 @@ def test_connect_timeout_is_a_504(gateway_with: Callable) -> None:
 
 
 def test_silence_mid_stream_aborts_the_response_after_read_timeout(gateway_with: Callable, upstream: Upstream) -> None:
-    async def goes_silent(seen: Seen, receive: Any, send: Any) -> None:
-        await start(send, 200, [("content-type", "text/event-stream")])
-        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
-        await upstream.wait_for_disconnect(receive)
-
-    upstream.handler = goes_silent
+    upstream.handler = upstream.stream_one_event_then_hold
     url = gateway_with(READ_TIMEOUT="0.3")
     with pytest.raises(httpx.RemoteProtocolError):
         with httpx.stream("POST", url + "/v1/chat/completions", json={"model": "fake:m"}, timeout=TIMEOUT) as r:
@@ -1028,10 +1033,7 @@ def test_slow_client_is_not_mistaken_for_a_silent_upstream(gateway_with: Callabl
 
 
 def test_request_beyond_max_connections_gets_503_after_waiting(gateway_with: Callable, upstream: Upstream) -> None:
-    async def thinking(seen: Seen, receive: Any, send: Any) -> None:
-        await upstream.wait_for_disconnect(receive)
-
-    upstream.handler = thinking
+    upstream.handler = upstream.think_until_disconnect
     url = gateway_with(MAX_CONNECTIONS="1", CONNECT_TIMEOUT="0.2")
     holder = raw_request(url, b'{"model": "fake:m"}')  # takes the one upstream connection
     assert upstream.received.wait(5)
@@ -1184,10 +1186,7 @@ def test_upstream_that_never_answers_is_a_504(gateway_with: Callable) -> None:
 
 
 def test_client_disconnect_before_first_byte_closes_the_upstream_request(gw: str, upstream: Upstream) -> None:
-    async def thinking(seen: Seen, receive: Any, send: Any) -> None:
-        await upstream.wait_for_disconnect(receive)
-
-    upstream.handler = thinking
+    upstream.handler = upstream.think_until_disconnect
     sock = raw_request(gw, b'{"model": "fake:m"}')
     assert upstream.received.wait(5)
     sock.close()
@@ -1195,12 +1194,7 @@ def test_client_disconnect_before_first_byte_closes_the_upstream_request(gw: str
 
 
 def test_client_disconnect_mid_stream_closes_the_upstream_request(gw: str, upstream: Upstream) -> None:
-    async def streaming(seen: Seen, receive: Any, send: Any) -> None:
-        await start(send, 200, [("content-type", "text/event-stream")])
-        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
-        await upstream.wait_for_disconnect(receive)
-
-    upstream.handler = streaming
+    upstream.handler = upstream.stream_one_event_then_hold
     sock = raw_request(gw, b'{"model": "fake:m", "stream": true}')
     assert b"data: one" in read_until(sock, b"data: one")
     sock.close()
@@ -1273,10 +1267,7 @@ def test_responses_carry_the_chosen_backend(gw: str) -> None:
 
 
 def test_client_disconnect_is_logged(gw: str, upstream: Upstream, access_log: Callable[[], list[str]]) -> None:
-    async def thinking(seen: Seen, receive: Any, send: Any) -> None:
-        await upstream.wait_for_disconnect(receive)
-
-    upstream.handler = thinking
+    upstream.handler = upstream.think_until_disconnect
     sock = raw_request(gw, b'{"model": "fake:m"}')
     assert upstream.received.wait(5)
     sock.close()
@@ -1296,12 +1287,7 @@ def test_upstream_connections_are_kept_alive_and_reused(upstream: Upstream, gw: 
 
 
 def test_upstream_connection_closed_mid_answer_is_not_reused(upstream: Upstream, gw: str) -> None:
-    async def streaming(seen: Seen, receive: Any, send: Any) -> None:
-        await start(send, 200, [("content-type", "text/event-stream")])
-        await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
-        await upstream.wait_for_disconnect(receive)
-
-    upstream.handler = streaming
+    upstream.handler = upstream.stream_one_event_then_hold
     sock = raw_request(gw, b'{"model": "fake:m"}')
     assert b"data: one" in read_until(sock, b"data: one")
     sock.close()
