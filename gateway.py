@@ -192,17 +192,9 @@ class GatewayError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = dict(headers or {})
 
-
-def error_response(
-    status: int,
-    message: str,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> Response:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return Response(JSON_ENCODER.encode(body), status, headers, media_type="application/json")
+    def response(self) -> Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return Response(JSON_ENCODER.encode(body), self.status, self.headers, media_type="application/json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -899,7 +891,7 @@ async def health(request: Request) -> Response:
 
 async def gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+    return exc.response()
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -909,11 +901,11 @@ async def http_error(request: Request, exc: Exception) -> Response:
         message = f"no such endpoint: {request.method} {escape(request.url.path)}; the gateway serves /v1/..."
     else:
         message = f"method {request.method} is not allowed on {escape(request.url.path)}"
-    return error_response(exc.status_code, message, headers=exc.headers)
+    return GatewayError(exc.status_code, message, headers=exc.headers).response()
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
-    return error_response(500, "the gateway failed to handle this request; see its log", type="server_error")
+    return GatewayError(500, "the gateway failed to handle this request; see its log", type="server_error").response()
 
 
 class AccessLog:
