@@ -20,11 +20,11 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import anyio
@@ -147,7 +147,9 @@ def _parse_backends(spec: str) -> Iterable[tuple[str, str]]:
         name, sep, url = item.partition("=")
         name = name.strip().lower()
         if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
-            raise ConfigError(f"BACKENDS entries look like name=url (name of letters, digits, '_', '-', '.'), got {item!r}")
+            raise ConfigError(
+                f"BACKENDS entries look like name=url (name of letters, digits, '_', '-', '.'), got {item!r}"
+            )
         yield name, url.strip()
 
 
@@ -248,7 +250,8 @@ def upstream_path(raw_path: bytes) -> str:
     """The part of the request path after `/v1`, refused if it could leave the backend's `/v1`."""
     if _DOT_SEGMENT.search(raw_path) or _UNSAFE_IN_PATH.search(raw_path):
         raise GatewayError(
-            400, "the request path may not contain '.' or '..' segments, encoded slashes or NUL bytes", code="invalid_path"
+            400, "the request path may not contain '.' or '..' segments, encoded slashes or NUL bytes",
+            code="invalid_path",
         )
     return raw_path[3:].decode("latin-1")
 
