@@ -225,21 +225,20 @@ def route_model(model: str, settings: Settings) -> tuple[Backend, str]:
         )
     prefix, colon, rest = model.partition(":")
     backend = settings.backends.get(prefix) if colon else None
-    if backend is not None:
-        if not rest:
+    if backend is None:
+        if settings.default_backend is None:
             raise GatewayError(
-                400, f"model {model!r} names the backend but no model; send e.g. '{prefix}:<model>'", param="model"
+                400, f"model {model!r} does not start with a backend prefix; use one of: {_choices(settings)}",
+                param="model", code="model_not_found",
             )
-        return backend, rest
-    if settings.default_backend is None:
-        raise GatewayError(
-            400,
-            f"model {model!r} does not start with a backend prefix; use one of: "
-            + ", ".join(f"'{name}:<model>'" for name in settings.backends),
-            param="model",
-            code="model_not_found",
-        )
-    return settings.backends[settings.default_backend], model
+        backend, rest = settings.backends[settings.default_backend], model
+    if not rest:
+        raise GatewayError(400, f"model {model!r} names no model; send one, like {_choices(settings)}", param="model")
+    return backend, rest
+
+
+def _choices(settings: Settings) -> str:
+    return ", ".join(f"'{name}:<model>'" for name in settings.backends)
 
 
 _DOT_SEGMENT = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)

@@ -511,10 +511,12 @@ def test_empty_default_backend_refuses_unprefixed_models_and_lists_backends() ->
     assert "'ollama:<model>'" in caught.value.message and "'openai:<model>'" in caught.value.message
 
 
-def test_empty_upstream_model_is_refused() -> None:
+@pytest.mark.parametrize("model", ["ollama:", ""])
+def test_empty_upstream_model_is_refused_with_the_backends_listed(model: str) -> None:
     with pytest.raises(gateway.GatewayError) as caught:
-        routed("ollama:")
+        routed(model)
     assert caught.value.status == 400 and caught.value.param == "model"
+    assert "'ollama:<model>'" in caught.value.message and "'openai:<model>'" in caught.value.message
 
 
 @pytest.mark.parametrize(("name", "value"), [("READ_TIMEOUT", "soon"), ("MAX_CONNECTIONS", "-1"), ("LOG_LEVEL", "loud"),
