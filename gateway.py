@@ -138,7 +138,7 @@ def _backend(env: Mapping[str, str], name: str, url: str) -> Backend:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"backend {name!r} needs an http(s) URL without query or fragment, got {public_url(url)!r}")
-    key = env.get(name.upper().replace("-", "_") + "_API_KEY", "").strip() or None
+    key = env.get(re.sub(r"[-.]", "_", name.upper()) + "_API_KEY", "").strip() or None
     return Backend(name=name, base_url=url.rstrip("/"), api_key=key)
 
 

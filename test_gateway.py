@@ -489,8 +489,9 @@ def test_backends_setting_adds_backends() -> None:
 
 
 def test_each_backend_takes_its_key_from_name_api_key() -> None:
-    configured = settings(BACKENDS="my-vllm=http://gpu:8000/v1", MY_VLLM_API_KEY="k1", OPENAI_API_KEY="k2")
-    assert configured.backends["my-vllm"].api_key == "k1"
+    configured = settings(BACKENDS="my-vllm=http://gpu:8000/v1,lm.studio=http://box:1234/v1", MY_VLLM_API_KEY="k1",
+                          OPENAI_API_KEY="k2", LM_STUDIO_API_KEY="k3")
+    assert configured.backends["my-vllm"].api_key == "k1" and configured.backends["lm.studio"].api_key == "k3"
     assert configured.backends["openai"].api_key == "k2"
     assert configured.backends["ollama"].api_key is None
 
