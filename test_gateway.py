@@ -1196,11 +1196,16 @@ def test_client_disconnect_before_first_byte_closes_the_upstream_request(gw: str
     assert upstream.disconnected.wait(1.0)
 
 
-def test_client_disconnect_mid_stream_closes_the_upstream_request(gw: str, upstream: Upstream) -> None:
+def hang_up_mid_stream(gw: str, upstream: Upstream) -> None:
+    """A client that reads the first event of a stream the upstream holds open, then goes away."""
     upstream.handler = upstream.stream_one_event_then_hold
     sock = raw_request(gw, b'{"model": "fake:m", "stream": true}')
     assert b"data: one" in read_until(sock, b"data: one")
     sock.close()
+
+
+def test_client_disconnect_mid_stream_closes_the_upstream_request(gw: str, upstream: Upstream) -> None:
+    hang_up_mid_stream(gw, upstream)
     assert upstream.disconnected.wait(1.0)
 
 
@@ -1290,10 +1295,7 @@ def test_upstream_connections_are_kept_alive_and_reused(upstream: Upstream, gw: 
 
 
 def test_upstream_connection_closed_mid_answer_is_not_reused(upstream: Upstream, gw: str) -> None:
-    upstream.handler = upstream.stream_one_event_then_hold
-    sock = raw_request(gw, b'{"model": "fake:m"}')
-    assert b"data: one" in read_until(sock, b"data: one")
-    sock.close()
+    hang_up_mid_stream(gw, upstream)
     assert upstream.disconnected.wait(1.0)
     upstream.handler = None
     assert post(gw).status_code == 200
