@@ -712,9 +712,13 @@ class UpstreamClient(httpx.AsyncClient):
     is not passed back either), and reading each response's for a cookie jar costs 23 µs.
     """
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.no_cookies = NoCookies()
+
     @property
     def cookies(self) -> httpx.Cookies:
-        return NoCookies()
+        return self.no_cookies
 
 
 def upstream_failure(exc: httpx.HTTPError, backend: Backend, url: httpx.URL) -> GatewayError:
