@@ -11,13 +11,16 @@ What runs (all on 127.0.0.1, nothing leaves the machine):
   raw asyncio Protocol on uvloop with httptools parsing and canned responses.  A
   plain request gets a 543 B ``chat.completion`` JSON; ``"stream": true`` gets an
   SSE stream of 200 ``data: {...}`` events plus ``data: [DONE]``, each written
-  with its own ``transport.write`` (one chunk of HTTP chunked encoding each).
+  with its own ``transport.write`` (one chunk of HTTP chunked encoding each), or
+  all in one write for the "written at once" scenario (as a server sends a file).
 * a **load generator** built the same way: keep-alive connections, one
   request in flight per connection, pre-built request bytes.  It checks every
   response (status 200, exact body length; for SSE the number of events, the
   byte count and the final ``[DONE]``) and counts anything else as an error.
 * the **gateway** under test (``python gateway.py`` by default), pointed at the
-  fake upstream through ``BACKENDS=fake=http://127.0.0.1:<port>/v1``.
+  fake upstream through ``BACKENDS=fake=http://127.0.0.1:<port>/v1``.  With
+  ``--gateway-cmd nginx``, nginx ``proxy_pass`` (one worker) stands in its place:
+  the reference for what relaying alone costs on the machine at hand.
 
 The fake upstream and the load generator are separate processes pinned to CPU 1;
 the gateway is pinned to CPU 0 (``--gateway-cpus``), so its throughput is what
@@ -95,6 +98,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 JSON_ANSWER_SIZE = 543
 SSE_DATA_EVENTS = 200
 SLOW_MARKER = "BENCH_SLOW_STREAM"  # in a request body: the upstream streams slowly
+AT_ONCE_MARKER = "BENCH_SSE_AT_ONCE"  # in a request body: the upstream writes its whole stream at once
 
 
 def _compact(obj: Any) -> bytes:
@@ -168,6 +172,7 @@ SSE_DONE = SSE_EVENTS[-1]
 SMALL_REQUEST = _chat_request()
 STREAM_REQUEST = _chat_request(stream=True)
 SLOW_STREAM_REQUEST = _chat_request(stream=True, content=f"{SLOW_MARKER} hold this stream open")
+AT_ONCE_STREAM_REQUEST = _chat_request(stream=True, content=f"{AT_ONCE_MARKER} the whole answer in one write")
 BIG_REQUEST = _big_request()
 
 _JSON_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -177,6 +182,7 @@ _SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Contr
 _SSE_FRAMES = [b"%x\r\n%s\r\n" % (len(ev), ev) for ev in SSE_EVENTS]   # one chunked frame per event
 _CHUNKED_END = b"0\r\n\r\n"
 _SLOW_MARKER_B = SLOW_MARKER.encode()
+_AT_ONCE_MARKER_B = AT_ONCE_MARKER.encode()
 _BODY_EDGE = 1024
 
 
@@ -444,6 +450,8 @@ class _UpstreamConn(asyncio.Protocol):
         self.server.stats.requests += 1
         if _SLOW_MARKER_B in edges:
             self._start_stream(_SSE_FRAMES, self.server.options.slow_gap)
+        elif _AT_ONCE_MARKER_B in edges:
+            self._start_stream([b"".join(_SSE_FRAMES)], 0.0)
         elif b'"stream":true' in edges or b'"stream": true' in edges:
             self._start_stream(self.server.sse_frames, self.server.options.sse_gap)
         else:
@@ -900,6 +908,38 @@ def gateway_argv(cmd: str) -> list[str]:
     return argv
 
 
+NGINX_CONF = """\
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+  upstream fake {{ server {upstream}; keepalive 256; }}
+  server {{
+    listen {host}:{port} backlog=4096;
+    client_max_body_size 32m; client_body_buffer_size 2m;
+    location = /health {{ return 200 "ok"; }}
+    location / {{
+      proxy_pass http://fake;
+      proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def nginx_argv(port: int, upstream_port: int) -> list[str]:
+    """nginx as the thing measured: one worker, proxy_pass with keep-alive upstream connections,
+    the body held in memory and the answer passed on as it arrives (the reference, ``--gateway-cmd nginx``)."""
+    workdir = tempfile.mkdtemp(prefix="bench-nginx-")
+    conf = Path(workdir, "nginx.conf")
+    conf.write_text(NGINX_CONF.format(dir=workdir, upstream=f"{HOST}:{upstream_port}", host=HOST, port=port))
+    return ["nginx", "-e", f"{workdir}/error.log", "-p", workdir, "-c", str(conf), "-g", "daemon off;"]
+
+
 def gateway_fingerprint(cmd: str, cwd: Path = HERE) -> str | None:
     """sha256 prefix of the first ``.py`` file in the gateway command: which version was measured."""
     for arg in gateway_argv(cmd)[1:]:
@@ -970,6 +1010,8 @@ class Harness:
         self.gateway_port = free_port()
         self.gateway_file = gateway_fingerprint(self.gateway_cmd, self.cwd)
         argv = gateway_argv(self.gateway_cmd) + ["--host", HOST, "--port", str(self.gateway_port)]
+        if self.gateway_cmd == "nginx":
+            argv = nginx_argv(self.gateway_port, self.upstream_port)
         if self.workers:
             argv += ["--workers", str(self.workers)]
         env = dict(os.environ, BACKENDS=f"fake={self.upstream_url}", DEFAULT_BACKEND="fake",
@@ -1092,6 +1134,8 @@ SCENARIOS = [
     Scenario("small_c1", "small chat, concurrency 1 (latency)", RequestKind("small", SMALL_REQUEST, sse=False), 1),
     Scenario("sse_c64", f"SSE stream, {SSE_EXPECTED_EVENTS} events / {SSE_BODY_LEN} B",
              RequestKind("sse", STREAM_REQUEST, sse=True), 64),
+    Scenario("sse_at_once_c64", "the same SSE stream, written by the upstream in one write",
+             RequestKind("sse_at_once", AT_ONCE_STREAM_REQUEST, sse=True), 64),
     Scenario("big_c8", f"1 MiB request body ({len(BIG_REQUEST)} B)", RequestKind("big", BIG_REQUEST, sse=False), 8),
 ]
 
@@ -1287,7 +1331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, help="warm-up per run, seconds (default 2, quick 1)")
     ap.add_argument("--json", metavar="FILE", help="write the JSON report here instead of stdout")
     ap.add_argument("--gateway-cmd", default=os.environ.get("GATEWAY_CMD", "python gateway.py"),
-                    help="command to run the gateway; --host/--port are appended (env GATEWAY_CMD)")
+                    help="command to run the gateway; --host/--port are appended (env GATEWAY_CMD); "
+                         "'nginx' measures nginx proxy_pass instead, the reference (nginx on PATH)")
     ap.add_argument("--workers", type=int, help="pass --workers N to the gateway (default: not passed, 1)")
     ap.add_argument("--gateway-cpus", default="0", help="CPUs for the gateway, e.g. 0 or 0,1; 'none' = no pin")
     ap.add_argument("--aux-cpus", default="1", help="CPUs for fake upstream + load generator")
