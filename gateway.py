@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import hmac
 import logging
 import os
@@ -786,6 +787,7 @@ class Relay:
             scope["state"]["outcome"] = f"upstream failed mid-stream: {type(exc).__name__}"
         finally:
             await response.aclose()
+            del response.stream  # httpx's response and its stream refer to each other: unlinked, both go now
 
 
 # ---------------------------------------------------------------------------------------------
@@ -987,6 +989,20 @@ class Endpoint:
         await answer(scope, receive, send)
 
 
+YOUNG_GENERATION = 7_000  # allocations between collections: above what 64 requests in flight hold
+
+
+def settle_garbage_collector() -> None:
+    """Keep the cycle collector off the request path once the app has started.
+
+    A request leaves no reference cycles behind, so what the collector would walk is the start-up
+    objects (frozen here, never garbage) and the objects of requests in flight. Counted every 700
+    allocations, the default, that walk took a tenth of the gateway's CPU under load.
+    """
+    gc.freeze()
+    gc.set_threshold(YOUNG_GENERATION)
+
+
 def create_app(settings: Settings) -> Starlette:
     """The gateway as an ASGI app, with one shared upstream client opened and closed by its lifespan."""
 
@@ -1003,6 +1019,7 @@ def create_app(settings: Settings) -> Starlette:
         mounts = {"http://": Http11Transport(settings.max_connections)}
         async with UpstreamClient(timeout=timeout, limits=limits, mounts=mounts) as client:
             app.state.client = client
+            settle_garbage_collector()
             yield
 
     app = Starlette(
