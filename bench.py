@@ -72,6 +72,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -934,6 +935,8 @@ http {{
 def nginx_argv(port: int, upstream_port: int) -> list[str]:
     """nginx as the thing measured: one worker, proxy_pass with keep-alive upstream connections,
     the body held in memory and the answer passed on as it arrives (the reference, ``--gateway-cmd nginx``)."""
+    if shutil.which("nginx") is None:
+        raise RuntimeError("--gateway-cmd nginx needs nginx on PATH (Debian: apt install nginx-light)")
     workdir = tempfile.mkdtemp(prefix="bench-nginx-")
     conf = Path(workdir, "nginx.conf")
     conf.write_text(NGINX_CONF.format(dir=workdir, upstream=f"{HOST}:{upstream_port}", host=HOST, port=port))
