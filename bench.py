@@ -910,7 +910,7 @@ def gateway_argv(cmd: str) -> list[str]:
 
 
 NGINX_CONF = """\
-worker_processes 1;
+worker_processes {workers};
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -932,15 +932,15 @@ http {{
 """
 
 
-def nginx_argv(port: int, upstream_port: int) -> list[str]:
-    """nginx as the thing measured: one worker, proxy_pass with keep-alive upstream connections,
-    the body held in memory and the answer passed on as it arrives (the reference, ``--gateway-cmd nginx``)."""
+def nginx_argv(workdir: Path, port: int, upstream_port: int, workers: int) -> list[str]:
+    """nginx as the thing measured: proxy_pass with keep-alive upstream connections, the body held
+    in memory and the answer passed on as it arrives (the reference, ``--gateway-cmd nginx``)."""
     if shutil.which("nginx") is None:
         raise RuntimeError("--gateway-cmd nginx needs nginx on PATH (Debian: apt install nginx-light)")
-    workdir = tempfile.mkdtemp(prefix="bench-nginx-")
-    conf = Path(workdir, "nginx.conf")
-    conf.write_text(NGINX_CONF.format(dir=workdir, upstream=f"{HOST}:{upstream_port}", host=HOST, port=port))
-    return ["nginx", "-e", f"{workdir}/error.log", "-p", workdir, "-c", str(conf), "-g", "daemon off;"]
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, upstream=f"{HOST}:{upstream_port}", host=HOST, port=port,
+                                      workers=workers))
+    return ["nginx", "-e", f"{workdir}/error.log", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
 
 
 def gateway_fingerprint(cmd: str, cwd: Path = HERE) -> str | None:
@@ -968,7 +968,8 @@ class Harness:
         self.ctx = multiprocessing.get_context("fork")
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.gateway: subprocess.Popen[bytes] | None = None
-        self.gateway_log = Path(tempfile.mkstemp(prefix="bench-gateway-", suffix=".log")[1])
+        self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+        self.gateway_log = self.workdir / "gateway.log"
         self.upstream_port = 0
         self.gateway_port = 0
         self._lg: multiprocessing.connection.Connection | None = None
@@ -1012,11 +1013,12 @@ class Harness:
     def start_gateway(self, timeout: float = 30.0) -> None:
         self.gateway_port = free_port()
         self.gateway_file = gateway_fingerprint(self.gateway_cmd, self.cwd)
-        argv = gateway_argv(self.gateway_cmd) + ["--host", HOST, "--port", str(self.gateway_port)]
         if self.gateway_cmd == "nginx":
-            argv = nginx_argv(self.gateway_port, self.upstream_port)
-        if self.workers:
-            argv += ["--workers", str(self.workers)]
+            argv = nginx_argv(self.workdir, self.gateway_port, self.upstream_port, self.workers or 1)
+        else:
+            argv = gateway_argv(self.gateway_cmd) + ["--host", HOST, "--port", str(self.gateway_port)]
+            if self.workers:
+                argv += ["--workers", str(self.workers)]
         env = dict(os.environ, BACKENDS=f"fake={self.upstream_url}", DEFAULT_BACKEND="fake",
                    LOG_LEVEL=self.log_level)
         cpus = self.gateway_cpus or self.all_cpus     # not the aux CPUs this process is pinned to
@@ -1072,7 +1074,7 @@ class Harness:
                 proc.kill()
                 proc.join(1)
         self.procs.clear()
-        self.gateway_log.unlink(missing_ok=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     # helpers ----------------------------------------------------------------------
     @property
