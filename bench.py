@@ -19,7 +19,7 @@ What runs (all on 127.0.0.1, nothing leaves the machine):
   byte count and the final ``[DONE]``) and counts anything else as an error.
 * the **gateway** under test (``python gateway.py`` by default), pointed at the
   fake upstream through ``BACKENDS=fake=http://127.0.0.1:<port>/v1``.  With
-  ``--gateway-cmd nginx``, nginx ``proxy_pass`` (one worker) stands in its place:
+  ``--gateway-cmd nginx``, nginx ``proxy_pass`` (one worker, or ``--workers``) stands in its place:
   the reference for what relaying alone costs on the machine at hand.
 
 The fake upstream and the load generator are separate processes pinned to CPU 1;
@@ -912,11 +912,12 @@ def gateway_argv(cmd: str) -> list[str]:
 NGINX_CONF = """\
 worker_processes {workers};
 pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
+error_log stderr warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
   client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
   upstream fake {{ server {upstream}; keepalive 256; }}
   server {{
     listen {host}:{port} backlog=4096;
@@ -940,7 +941,7 @@ def nginx_argv(workdir: Path, port: int, upstream_port: int, workers: int) -> li
     conf = workdir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=workdir, upstream=f"{HOST}:{upstream_port}", host=HOST, port=port,
                                       workers=workers))
-    return ["nginx", "-e", f"{workdir}/error.log", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
+    return ["nginx", "-e", "stderr", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
 
 
 def gateway_fingerprint(cmd: str, cwd: Path = HERE) -> str | None:
@@ -1150,7 +1151,7 @@ def run_scenarios(h: Harness, warmup: float, duration: float, log: Callable[[str
     for sc in SCENARIOS:
         results[sc.key] = {"title": sc.title, "concurrency": sc.concurrency}
         for target in ("direct", "gateway"):
-            log(f"  {sc.key:10} {target:8} c={sc.concurrency} ...")
+            log(f"  {sc.key:15} {target:8} c={sc.concurrency} ...")
             res = h.run_load(target, [sc.kind], sc.concurrency, warmup, duration)
             if target == "gateway" and res["requests"]:
                 res["gw_cpu_us_per_req"] = round(res["cpu_s"]["gateway"] * 1e6 / res["requests"], 1)
