@@ -967,7 +967,7 @@ class AccessLog:
             ended = time.perf_counter()
             ttfb = (first_byte or ended) - started
             if logger.isEnabledFor(logging.INFO):  # spare the escaping when nobody reads the line
-                    logger.info(
+                logger.info(
                     "%s %s backend=%s model=%s status=%d ttfb_ms=%.1f total_ms=%.1f bytes=%d%s",
                     scope["method"], escape(scope["path"]), state.get("backend", "-"), escape(state.get("model", "-")),
                     status, ttfb * 1000, (ended - started) * 1000, sent,
