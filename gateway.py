@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
 
 import anyio
 import httptools
@@ -46,6 +46,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("llm_gateway")
+T = TypeVar("T")
 JSON_ENCODER = msgspec.json.Encoder()  # orjson reads JSON, strictly; msgspec writes it (see serialize)
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +142,10 @@ def _backend(env: Mapping[str, str], name: str, url: str) -> Backend:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"backend {name!r} needs an http(s) URL without query or fragment, got {public_url(url)!r}")
-    key = env.get(re.sub(r"[-.]", "_", name.upper()) + "_API_KEY", "").strip() or None
+    key_name = re.sub(r"[-.]", "_", name.upper()) + "_API_KEY"
+    key = env.get(key_name, "").strip() or None
+    if key and (parts.username or parts.password):
+        raise ConfigError(f"backend {name!r} has a user and password in its URL and {key_name} too; keep one of them")
     return Backend(name=name, base_url=url.rstrip("/"), api_key=key)
 
 
@@ -249,13 +253,21 @@ _UNSAFE_IN_PATH = re.compile(rb"%2f|%5c|%00|\\|\x00", re.IGNORECASE)
 
 
 def upstream_path(raw_path: bytes) -> str:
-    """The part of the request path after `/v1`, refused if it could leave the backend's `/v1`."""
-    if _DOT_SEGMENT.search(raw_path) or _UNSAFE_IN_PATH.search(raw_path):
-        raise GatewayError(
-            400, "the request path may not contain '.' or '..' segments, encoded slashes or NUL bytes",
-            code="invalid_path",
-        )
+    """The part of the request path after `/v1`, refused if it could leave the backend's `/v1`.
+
+    Routing matched the decoded path; the raw one is what goes upstream, so it must begin with
+    `/v1/` as written: `/v%31/chat/completions` would otherwise reach `<base>31/chat/completions`.
+    """
+    if not raw_path.startswith(b"/v1/") or _DOT_SEGMENT.search(raw_path) or _UNSAFE_IN_PATH.search(raw_path):
+        raise invalid_path()
     return raw_path[3:].decode("latin-1")
+
+
+def invalid_path() -> GatewayError:
+    return GatewayError(
+        400, "the request path must begin with '/v1/' as written, not percent-encoded, and may not contain "
+        "'.' or '..' segments, encoded slashes or NUL bytes", code="invalid_path",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,8 +446,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.disarm()
-        if self.head.done() and not self.framed and not self.complete and self.error is None:
-            self.on_message_complete()
+        if exc is None and self.head.done() and not self.framed and not self.complete and self.error is None:
+            self.on_message_complete()  # a body without length or chunks ends when the upstream closes
         else:
             self.fail(httpx.RemoteProtocolError("the upstream closed the connection before its response ended"))
         self.resume_writing()
@@ -582,14 +594,19 @@ class UpstreamBody(httpx.AsyncByteStream):
             self.pool.release(self.connection)
 
 
+STALE_WINDOW = 0.1  # seconds: how soon a pooled connection the upstream was closing fails a request
+
+
 class Http11Transport(httpx.AsyncBaseTransport):
     """The httpx transport for plain-http backends (Ollama, vLLM, llama.cpp, LM Studio).
 
     httpx's own connection pool costs several times more CPU per request, growing with the number
     of connections; this one keeps idle connections per host in a list and admits
-    `max_connections` requests at once. A request that meets a pooled connection the upstream has
-    just closed (before answering a single byte) is sent once more on a fresh connection, so an
-    upstream that drops idle keep-alive connections or restarts never shows up as an error.
+    `max_connections` requests at once. A request that meets a pooled connection the upstream was
+    closing as it came (lost within `STALE_WINDOW`, before a byte of answer) is sent once more on a
+    fresh connection, so an upstream that drops idle keep-alive connections or restarts never shows
+    up as an error. A connection lost later may have carried the request into work on the backend;
+    that one is not sent twice, and the client gets the 502.
     """
 
     def __init__(self, max_connections: int) -> None:
@@ -624,12 +641,13 @@ class Http11Transport(httpx.AsyncBaseTransport):
         key = (request.url.host, request.url.port or 80)
         connection = self.checkout(key)
         if connection is not None:
+            sent = connection.loop.time()
             try:
                 await connection.exchange(head, body, timeouts)
                 return connection
             except httpx.RemoteProtocolError:
                 connection.close()
-                if connection.received_any:
+                if connection.received_any or connection.loop.time() - sent > STALE_WINDOW:
                     raise
             except BaseException:
                 connection.close()
@@ -739,6 +757,11 @@ def upstream_failure(exc: httpx.HTTPError, backend: Backend, url: httpx.URL) -> 
             "CONNECT_TIMEOUT / READ_TIMEOUT", type="upstream_error", code="upstream_timeout", headers=headers,
         )
     reason = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.RemoteProtocolError):  # reached, but it broke off or spoke no HTTP
+        return GatewayError(
+            502, f"{where} failed before answering: {reason}; see the backend's log",
+            type="upstream_error", code="upstream_failed", headers=headers,
+        )
     return GatewayError(
         502, f"could not reach {where}: {reason}; check that it is running and that its URL is right",
         type="upstream_error", code="upstream_unreachable", headers=headers,
@@ -750,6 +773,18 @@ async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> No
     while (await receive())["type"] != "http.disconnect":
         pass
     scope.cancel()
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled as soon as the client disconnects, for requests without a body to read."""
+    with anyio.CancelScope() as scope:
+        watcher = asyncio.create_task(cancel_on_disconnect(request.receive, scope))
+        try:
+            return await work
+        finally:
+            watcher.cancel()
+    request.state.outcome = "client disconnected"
+    raise GatewayError(499, "the client went away before the answer")  # for the log: nobody reads it
 
 
 class Relay:
@@ -805,11 +840,17 @@ def admit(request: Request) -> None:
             401, "missing or wrong gateway key; send 'Authorization: Bearer <key>' with a key from GATEWAY_API_KEYS",
             type="authentication_error", code="invalid_api_key",
         )
-    if any(settings.via in value for name, value in request.scope["headers"] if name == b"via"):
+    if any(_passed_through(value, settings.via) for name, value in request.scope["headers"] if name == b"via"):
         raise GatewayError(
             508, "request loop: this request already passed through this gateway; a backend URL points back at it",
             type="server_error", code="loop_detected",
         )
+
+
+def _passed_through(via: bytes, entry: bytes) -> bool:
+    """Whether a `Via` header names this gateway: an entry of the same name, its comment aside."""
+    name = entry.split()[1]
+    return any(received.split()[1:2] == [name] for received in via.split(b","))
 
 
 def _has_gateway_key(request: Request, keys: tuple[bytes, ...]) -> bool:
@@ -848,8 +889,8 @@ async def list_models(request: Request) -> Response:
     """`GET /v1/models`: every backend's models, asked concurrently, each id prefixed by its backend."""
     admit(request)
     settings: Settings = request.app.state.settings
-    lists = await asyncio.gather(
-        *(_backend_models(request, backend) for backend in settings.backends.values())
+    lists = await unless_client_leaves(
+        request, asyncio.gather(*(_backend_models(request, backend) for backend in settings.backends.values()))
     )
     data = [model for models in lists for model in models]
     return Response(JSON_ENCODER.encode({"object": "list", "data": data}), media_type="application/json")
@@ -882,15 +923,19 @@ async def retrieve_model(request: Request) -> Response:
     """`GET /v1/models/{model}`: one model from its backend, its id carrying the client's prefix."""
     admit(request)
     settings: Settings = request.app.state.settings
-    upstream_path(request.scope["raw_path"])
-    asked = unquote(request.scope["raw_path"].decode("latin-1")[len("/v1/models/"):])
+    raw_path = request.scope["raw_path"]
+    if not raw_path.startswith(b"/v1/models/") or _DOT_SEGMENT.search(raw_path):
+        raise invalid_path()
+    asked = request.path_params["model"]  # decoded: the SDK sends `org/model` as `org%2Fmodel`
     backend, model = route_model(asked, settings)
     request.state.backend, request.state.model = backend.name, model
+    if model in (".", ".."):
+        raise GatewayError(400, f"model {asked!r} names no model; send one, like {_choices(settings)}", param="model")
     url = httpx.URL(backend.base_url + "/models/" + quote(model, safe=""))
     try:
-        response = await request.app.state.client.send(
+        response = await unless_client_leaves(request, request.app.state.client.send(
             httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
-        )
+        ))
     except httpx.HTTPError as exc:
         raise upstream_failure(exc, backend, url) from None
     body = response.content
@@ -948,7 +993,7 @@ class AccessLog:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         first_byte: float | None = None
-        status, sent = 500, 0
+        status, sent = 0, 0  # 0: no answer started
         state = scope.setdefault("state", {})
 
         async def send_counted(message: Message) -> None:
@@ -966,10 +1011,13 @@ class AccessLog:
         finally:
             ended = time.perf_counter()
             ttfb = (first_byte or ended) - started
+            if not status:  # nothing sent: 499 (as nginx logs it) when the client left first, else a failure
+                status = 499 if state.get("outcome") == "client disconnected" else 500
             if logger.isEnabledFor(logging.INFO):  # spare the escaping when nobody reads the line
                 logger.info(
                     "%s %s backend=%s model=%s status=%d ttfb_ms=%.1f total_ms=%.1f bytes=%d%s",
-                    scope["method"], escape(scope["path"]), state.get("backend", "-"), escape(state.get("model", "-")),
+                    scope["method"], escape(scope["path"]), state.get("backend", "-"),
+                    escape(state.get("model", "-")[:MAX_MODEL_NAME]),
                     status, ttfb * 1000, (ended - started) * 1000, sent,
                     f" ({state['outcome']})" if "outcome" in state else "",
                 )

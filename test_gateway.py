@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -266,6 +267,61 @@ def full_backlog_server() -> Iterator[str]:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
 
 
+Connection = Callable[[socket.socket, list[bytes]], None]
+JSON_OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+def read_http_request(conn: socket.socket) -> bytes:
+    """One request off a raw connection, its body read by its Content-Length; its head is returned."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head
+
+
+def answers(*replies: bytes | None) -> Connection:
+    """A connection that reads one request per reply and sends it; None: close instead, at once."""
+
+    def connection(conn: socket.socket, heads: list[bytes]) -> None:
+        for reply in replies:
+            heads.append(read_http_request(conn))
+            if reply is None:
+                return
+            conn.sendall(reply)
+
+    return connection
+
+
+@contextmanager
+def socket_upstream(*connections: Connection) -> Iterator[tuple[str, list[bytes]]]:
+    """A raw HTTP upstream whose n-th accepted connection runs `connections[n]`, for what a
+    well-behaved server never does; yields its `/v1` URL and the heads of the requests it read."""
+    listener = bound_socket()
+    listener.listen(8)
+    heads: list[bytes] = []
+
+    def accept_each() -> None:
+        with suppress(OSError):  # the listener shut down: the test is over
+            for connection in connections:
+                conn, _ = listener.accept()
+                conn.settimeout(10)
+                with conn:
+                    connection(conn, heads)
+
+    thread = threading.Thread(target=accept_each, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", heads
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
 def raw_request(gw: str, body: bytes) -> socket.socket:
     """Send a chat request on a raw connection, so the test decides when the client goes away."""
     sock = socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10)
@@ -497,6 +553,11 @@ def test_each_backend_takes_its_key_from_name_api_key() -> None:
     assert configured.backends["ollama"].api_key is None
 
 
+def test_backend_url_with_a_password_and_a_key_too_is_refused_at_start() -> None:
+    with pytest.raises(gateway.ConfigError, match="OPENAI_API_KEY"):
+        settings(OPENAI_BASE_URL="http://user:pw@proxy.lan/v1", OPENAI_API_KEY="sk-configured")
+
+
 @pytest.mark.parametrize("url", ["http://box:11434", "http://box:11434/", "http://box:11434/v1", "http://box:11434/v1/"])
 def test_ollama_base_url_works_with_or_without_v1(url: str) -> None:
     assert settings(OLLAMA_BASE_URL=url).backends["ollama"].base_url == "http://box:11434/v1"
@@ -537,6 +598,15 @@ def test_upstream_url_is_base_url_plus_path_after_v1(upstream: Upstream, gateway
     url = gateway_with(BACKENDS=f"fake={upstream.url}/v1/")
     post(url, "/v1/embeddings?api-version=2024", json={"model": "fake:nomic", "input": "x"})
     assert upstream.last.path == "/v1/embeddings?api-version=2024"
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v%31/chat/completions"), ("POST", "/%761/chat/completions"), ("GET", "/v%31/models/fake:m"),
+])
+def test_a_percent_encoded_v1_is_refused_and_never_sent(upstream: Upstream, gw: str, method: str, path: str) -> None:
+    response = httpx.request(method, gw + path, json={"model": "fake:m"}, timeout=TIMEOUT)
+    assert response.status_code == 400 and error_of(response)["code"] == "invalid_path"
+    assert upstream.requests == []
 
 
 def test_model_name_never_changes_the_url(upstream: Upstream, gw: str) -> None:
@@ -636,6 +706,20 @@ def test_retrieve_model_url_encodes_the_upstream_model_as_last_segment(upstream:
     response = httpx.get(gw + "/v1/models/fake:hf.co/org/model:Q4", timeout=TIMEOUT)
     assert upstream.last.path == "/v1/models/hf.co%2Forg%2Fmodel%3AQ4"
     assert response.json()["id"] == "fake:hf.co/org/model:Q4"
+
+
+def test_sdk_retrieves_a_model_with_a_slash_in_its_name(upstream: Upstream, gw: str) -> None:
+    upstream.handler = answer(200, b'{"id":"meta-llama/Llama-3.1-8B","object":"model","created":1,"owned_by":"o"}')
+    model = sdk(gw).models.retrieve("fake:meta-llama/Llama-3.1-8B")  # the SDK sends the slash as %2F
+    assert model.id == "fake:meta-llama/Llama-3.1-8B"
+    assert upstream.last.path == "/v1/models/meta-llama%2FLlama-3.1-8B"
+
+
+@pytest.mark.parametrize("model", ["fake:..", "fake:%2e%2e", "fake:.", "fake:%2E"])
+def test_retrieve_model_named_dot_or_dot_dot_is_refused_and_never_sent(upstream: Upstream, gw: str, model: str) -> None:
+    response = httpx.get(gw + "/v1/models/" + model, timeout=TIMEOUT)
+    assert response.status_code == 400 and error_of(response)["param"] == "model"
+    assert upstream.requests == []
 
 
 def test_retrieve_model_passes_upstream_404_through(upstream: Upstream, gw: str) -> None:
@@ -994,6 +1078,16 @@ def test_request_carrying_this_gateways_via_entry_gets_508(gw: str, upstream: Up
     assert response.status_code == 508 and upstream.requests == []
 
 
+def test_this_gateways_via_entry_with_a_comment_gets_508(gw: str, upstream: Upstream) -> None:
+    response = post(gw, headers={"via": "HTTP/1.1 llm-gateway-test-gw (llm-gateway)"})
+    assert response.status_code == 508 and upstream.requests == []
+
+
+@pytest.mark.parametrize("via", ["1.1 llm-gateway-test-gw2", "1.1 llm-gateway-test", "1.1 llm-gateway-test-gw-eu, 1.0 x"])
+def test_via_entries_of_gateways_with_similar_ids_are_no_loop(gw: str, via: str) -> None:
+    assert post(gw, headers={"via": via}).status_code == 200
+
+
 def test_chain_of_two_gateways_works(upstream: Upstream) -> None:
     inner_app = create_app(settings(BACKENDS=f"fake={upstream.url}/v1", GATEWAY_ID="inner"))
     with serve(inner_app) as inner:
@@ -1235,6 +1329,18 @@ def test_client_disconnect_mid_stream_closes_the_upstream_request(gw: str, upstr
     assert upstream.disconnected.wait(1.0)
 
 
+@pytest.mark.parametrize("path", ["/v1/models/fake:m", "/v1/models"])
+def test_client_disconnect_while_models_are_asked_closes_the_upstream_request(
+    gw: str, upstream: Upstream, path: str
+) -> None:
+    upstream.handler = upstream.think_until_disconnect
+    sock = socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+    assert upstream.received.wait(5)
+    sock.close()
+    assert upstream.disconnected.wait(1.0)
+
+
 def test_upstream_dying_mid_stream_aborts_the_clients_response(gw: str, upstream: Upstream) -> None:
     async def dying(seen: Seen, receive: Any, send: Any) -> None:
         await start(send, 200, [("content-type", "text/event-stream")])
@@ -1306,7 +1412,13 @@ def test_client_disconnect_is_logged(gw: str, upstream: Upstream, access_log: Ca
     assert upstream.received.wait(5)
     sock.close()
     [line] = eventually(access_log)
-    assert "(client disconnected)" in line
+    assert "status=499" in line and "(client disconnected)" in line
+
+
+def test_an_overlong_model_is_logged_cut_short(gw: str, access_log: Callable[[], list[str]]) -> None:
+    post(gw, json={"model": "fake:" + "m" * 100_000, "messages": []})
+    [line] = eventually(access_log)
+    assert "status=400" in line and len(line) < 2 * gateway.MAX_MODEL_NAME
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1345,6 +1457,52 @@ def test_upstream_closing_idle_connections_is_invisible_to_clients(gateway_with:
         for _ in range(3):
             assert post(url, json={"model": "ollama:m"}).status_code == 200
             eventually(lambda: not server.server_state.connections)  # the upstream closed the idle connection
+
+
+def test_request_meeting_a_connection_the_upstream_is_closing_is_sent_again(gateway_with: Callable) -> None:
+    with socket_upstream(answers(JSON_OK, None), answers(JSON_OK)) as (url, heads):
+        gw = gateway_with(BACKENDS=f"fake={url}")
+        assert [post(gw).status_code for _ in range(2)] == [200, 200]
+    assert len(heads) == 3  # the second request, dropped unanswered at once, then sent again
+
+
+def test_request_an_upstream_broke_off_after_working_on_it_is_not_sent_twice(gateway_with: Callable) -> None:
+    def works_on_the_second_then_breaks_off(conn: socket.socket, heads: list[bytes]) -> None:
+        answers(JSON_OK)(conn, heads)
+        heads.append(read_http_request(conn))
+        time.sleep(5 * gateway.STALE_WINDOW)  # the backend at work, until it crashes
+
+    with socket_upstream(works_on_the_second_then_breaks_off, answers(JSON_OK)) as (url, heads):
+        gw = gateway_with(BACKENDS=f"fake={url}")
+        assert post(gw).status_code == 200
+        response = post(gw)
+    assert response.status_code == 502 and error_of(response)["code"] == "upstream_failed"
+    assert len(heads) == 2
+
+
+def test_a_body_that_ends_when_the_upstream_closes_reaches_the_client_whole(gateway_with: Callable) -> None:
+    events = b"data: one\n\ndata: [DONE]\n\n"
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + events
+    with socket_upstream(answers(reply)) as (url, _):
+        response = post(gateway_with(BACKENDS=f"fake={url}"))
+    assert (response.status_code, response.content) == (200, events)
+
+
+def test_an_upstream_reset_during_a_body_without_length_aborts_the_clients_response(gateway_with: Callable) -> None:
+    first_event = threading.Event()
+
+    def resets_mid_stream(conn: socket.socket, heads: list[bytes]) -> None:
+        heads.append(read_http_request(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: one\n\n")
+        first_event.wait(5)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closing now resets
+
+    with socket_upstream(resets_mid_stream) as (url, _):
+        gw = gateway_with(BACKENDS=f"fake={url}")
+        with pytest.raises(httpx.RemoteProtocolError):
+            with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m"}, timeout=TIMEOUT) as r:
+                for _ in r.iter_raw():
+                    first_event.set()
 
 
 def test_slow_client_holds_back_a_fast_stream(gw: str, upstream: Upstream) -> None:
