@@ -34,7 +34,6 @@ import anyio
 import httptools
 import httpx
 import msgspec
-import orjson
 import uvicorn
 from dotenv import load_dotenv
 from starlette.applications import Starlette
@@ -47,7 +46,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("llm_gateway")
 T = TypeVar("T")
-JSON_ENCODER = msgspec.json.Encoder()  # orjson reads JSON, strictly; msgspec writes it (see serialize)
+JSON_DECODER = msgspec.json.Decoder()  # strict RFC 8259; integers keep every digit, beyond 64 bits too
+JSON_ENCODER = msgspec.json.Encoder()
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -302,14 +302,19 @@ def _too_large(limit: int) -> GatewayError:
 
 def parse_payload(body: bytes) -> dict[str, Any]:
     """The JSON object of a request, strictly per RFC 8259: no NaN, no numbers that overflow a
-    double, no nesting deeper than 1024. A name given twice keeps its last value, as with OpenAI
-    and Ollama; the body is re-serialised, so the backend sees the one `model` the gateway routed by."""
+    double, no invalid UTF-8, no nesting deeper than Python's recursion limit (about 900 levels
+    here). A name given twice keeps its last value, as with OpenAI and Ollama; the body is
+    re-serialised, so the backend sees the one `model` the gateway routed by."""
+    if not body:
+        raise GatewayError(400, "request body is empty; send a JSON object with Content-Type: application/json")
     try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        payload = JSON_DECODER.decode(body)
+    except ValueError as exc:  # msgspec.DecodeError, or UnicodeDecodeError for bytes that are not UTF-8
         raise GatewayError(
             400, f"request body is not valid JSON ({exc}); send a JSON object with Content-Type: application/json"
         ) from None
+    except RecursionError:
+        raise too_deep() from None
     if not isinstance(payload, dict):
         raise GatewayError(400, "request body must be a JSON object, like {\"model\": ..., ...}")
     if not isinstance(payload.get("model"), str):
@@ -318,15 +323,15 @@ def parse_payload(body: bytes) -> dict[str, Any]:
 
 
 def serialize(payload: dict[str, Any]) -> bytes:
-    """The rewritten request body, compact JSON.
-
-    msgspec writes it, not orjson: orjson reserves about 16 bytes per character of a long string,
-    so one base64 image of 1 MiB costs 16 MiB of scratch memory, which the allocator keeps.
-    """
+    """The rewritten request body, compact JSON."""
     try:
         return JSON_ENCODER.encode(payload)
-    except RecursionError:  # only nesting deeper than about 1000 levels gets here
-        raise GatewayError(400, "request body nests too deep; flatten it") from None
+    except RecursionError:  # a body nested just below the parser's limit, written from a deeper stack
+        raise too_deep() from None
+
+
+def too_deep() -> GatewayError:
+    return GatewayError(400, "request body nests too deep; flatten it")
 
 
 def fill_defaults(payload: dict[str, Any], backend: Backend, path: str, settings: Settings) -> None:
@@ -906,9 +911,9 @@ async def _backend_models(request: Request, backend: Backend) -> list[dict[str, 
                 httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
             )
         response.raise_for_status()
-        models = orjson.loads(response.content)["data"]
+        models = JSON_DECODER.decode(response.content)["data"]
         return [{**model, "id": f"{backend.name}:{model['id']}"} for model in models]
-    except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+    except (httpx.HTTPError, TimeoutError, ValueError, RecursionError, KeyError, TypeError) as exc:
         reason = f"status {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError) else type(exc).__name__
         logger.warning("models of backend %s at %s left out: %s", backend.name, backend.safe_url, reason)
         return []
@@ -950,8 +955,8 @@ async def retrieve_model(request: Request) -> Response:
 
 def _with_id_prefix(body: bytes, prefix: str) -> bytes:
     try:
-        model = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        model = JSON_DECODER.decode(body)
+    except (ValueError, RecursionError):
         return body
     if isinstance(model, dict) and isinstance(model.get("id"), str):
         model["id"] = prefix + model["id"]

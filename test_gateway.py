@@ -1274,7 +1274,7 @@ def test_no_key_or_message_content_reaches_a_log_line_or_error_body(
     ("body", "says"),
     [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b'{"messages": []}', "'model'"),
      (b'{"model": 7}', "'model'"), (b'{"model": "m", "temperature": NaN}', "not valid JSON"),
-     (b"", "not valid JSON")],
+     (b"", "body is empty")],
 )
 def test_bad_request_bodies_get_a_400_that_says_what_to_change(gw: str, upstream: Upstream, body: bytes,
                                                                says: str) -> None:
@@ -1643,6 +1643,13 @@ def test_duplicate_model_keys_reach_the_backend_as_the_one_model_routed_by(upstr
     response = post(gw, content=b'{"model": "other:a", "messages": [], "model": "fake:b"}', json=None)
     assert response.status_code == 200
     assert upstream.last.body.count(b'"model"') == 1 and upstream.last.json()["model"] == "b"
+
+
+def test_integers_beyond_64_bits_reach_the_backend_digit_for_digit(upstream: Upstream, gw: str) -> None:
+    body = b'{"model": "fake:m", "seed": 18446744073709551616, "n": -123456789012345678901234567890}'
+    assert post(gw, content=body, json=None).status_code == 200
+    assert b'"seed":18446744073709551616' in upstream.last.body
+    assert b'"n":-123456789012345678901234567890' in upstream.last.body
 
 
 # ---------------------------------------------------------------------------------------------
