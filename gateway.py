@@ -302,7 +302,7 @@ def _too_large(limit: int) -> GatewayError:
 
 def parse_payload(body: bytes) -> dict[str, Any]:
     """The JSON object of a request, strictly per RFC 8259: no NaN, no numbers that overflow a
-    double, no invalid UTF-8, no nesting deeper than Python's recursion limit (about 900 levels
+    double, no invalid UTF-8, no nesting deeper than Python's recursion limit (about 950 levels
     here). A name given twice keeps its last value, as with OpenAI and Ollama; the body is
     re-serialised, so the backend sees the one `model` the gateway routed by."""
     if not body:
@@ -859,9 +859,11 @@ def _passed_through(via: bytes, entry: bytes) -> bool:
 
 
 def _has_gateway_key(request: Request, keys: tuple[bytes, ...]) -> bool:
+    """A gateway key as `Authorization: Bearer` or as `x-api-key`: an SDK that always sends its own
+    `Authorization` can still carry the gateway key in `x-api-key`."""
     auth = request.headers.get("authorization", "")
-    offered = (auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")).encode()
-    matches = [hmac.compare_digest(offered, key) for key in keys]  # every key, always: constant time
+    offered = [auth[7:] if auth[:7].lower() == "bearer " else "", request.headers.get("x-api-key", "")]
+    matches = [hmac.compare_digest(o.encode(), key) for o in offered for key in keys]  # all, always: constant time
     return any(matches)
 
 
@@ -870,6 +872,12 @@ async def proxy(request: Request) -> Response | Relay:
     admit(request)
     settings: Settings = request.app.state.settings
     path = upstream_path(request.scope["raw_path"])
+    if request.headers.get("content-type", "").startswith("multipart/"):  # refused before a byte is read
+        raise GatewayError(
+            400, "multipart uploads (audio transcriptions, files) cannot be routed: the gateway routes by the "
+            "'model' of a JSON body; send those to the backend directly, or a JSON request with "
+            "Content-Type: application/json",
+        )
     payload = parse_payload(await read_body(request, settings.max_body_bytes))
     request.state.model = payload["model"]  # logged as sent, should routing refuse it
     backend, model = route_model(payload["model"], settings)

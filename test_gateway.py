@@ -1012,6 +1012,10 @@ def test_gateway_key_is_accepted_as_bearer_or_x_api_key(locked: str, headers: di
     assert post(locked, headers=headers).status_code == 200
 
 
+def test_gateway_key_in_x_api_key_is_accepted_beside_another_authorization(locked: str) -> None:
+    assert post(locked, headers={"authorization": "Bearer sk-the-sdks-own", "x-api-key": "gw-key-2"}).status_code == 200
+
+
 def test_sdk_authenticates_with_a_gateway_key(locked: str) -> None:
     assert sdk(locked, api_key="gw-key-2").chat.completions.create(model="fake:m", messages=[]).choices
 
@@ -1626,6 +1630,12 @@ def test_any_method_and_path_get_a_clear_answer(target: str, method: str, path: 
 def test_any_content_type_with_a_non_json_body_gets_a_400(target: str, content_type: str) -> None:
     response = post(target, content=b"model=fake:m&x=1", json=None, headers={"content-type": content_type})
     assert response.status_code == 400 and "Content-Type: application/json" in error_of(response)["message"]
+
+
+def test_sdk_audio_upload_gets_a_400_that_says_why(gw: str, upstream: Upstream) -> None:
+    with pytest.raises(openai.BadRequestError, match="multipart uploads"):
+        sdk(gw).audio.transcriptions.create(model="fake:whisper", file=("a.wav", b"RIFF" + b"\0" * 1024))
+    assert upstream.requests == []
 
 
 def test_oversized_chunked_body_gets_a_413_and_the_gateway_serves_on(target: str) -> None:
