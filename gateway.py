@@ -416,6 +416,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.writable: asyncio.Future[None] | None = None
         self.watchdog: asyncio.TimerHandle | None = None
         self.heard = 0.0  # when the upstream last sent something, or the gateway began to wait
+        self.idle_since = 0.0  # when it last went back to the pool
         self.reset()
 
     def reset(self) -> None:
@@ -600,6 +601,7 @@ class UpstreamBody(httpx.AsyncByteStream):
 
 
 STALE_WINDOW = 0.1  # seconds: how soon a pooled connection the upstream was closing fails a request
+KEEPALIVE_EXPIRY = 5.0  # seconds an idle upstream connection is kept, as httpx does
 
 
 class Http11Transport(httpx.AsyncBaseTransport):
@@ -611,11 +613,14 @@ class Http11Transport(httpx.AsyncBaseTransport):
     closing as it came (lost within `STALE_WINDOW`, before a byte of answer) is sent once more on a
     fresh connection, so an upstream that drops idle keep-alive connections or restarts never shows
     up as an error. A connection lost later may have carried the request into work on the backend;
-    that one is not sent twice, and the client gets the 502.
+    that one is not sent twice, and the client gets the 502. A connection idle for longer than
+    `keepalive_expiry` is not used again: a firewall or NAT on the way may have forgotten it, and a
+    request sent into it would wait for READ_TIMEOUT.
     """
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, keepalive_expiry: float) -> None:
         self.slots = asyncio.Semaphore(max_connections)
+        self.keepalive_expiry = keepalive_expiry
         self.idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -669,8 +674,9 @@ class Http11Transport(httpx.AsyncBaseTransport):
         idle = self.idle.get(key)
         while idle:
             connection = idle.pop()
-            if not connection.lost:
+            if not connection.lost and connection.loop.time() - connection.idle_since < self.keepalive_expiry:
                 return connection
+            connection.close()
         return None
 
     async def connect(self, key: tuple[str, int], timeout: float | None) -> UpstreamConnection:
@@ -691,6 +697,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         connection.busy = False
         if connection.reusable:
             connection.reset()
+            connection.idle_since = connection.loop.time()
             self.idle.setdefault(connection.key, []).append(connection)
         else:
             connection.close()  # mid-body: closing it is what tells the backend to stop
@@ -1092,10 +1099,11 @@ def create_app(settings: Settings) -> Starlette:
             write=settings.read_timeout, pool=settings.connect_timeout,
         )
         limits = httpx.Limits(
-            max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections
+            max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
         )
         # Plain-http backends get the lean transport; https ones httpx's own, with its TLS and proxies.
-        mounts = {"http://": Http11Transport(settings.max_connections)}
+        mounts = {"http://": Http11Transport(settings.max_connections, KEEPALIVE_EXPIRY)}
         async with UpstreamClient(timeout=timeout, limits=limits, mounts=mounts) as client:
             app.state.client = client
             settle_memory()

@@ -1484,6 +1484,22 @@ def test_request_an_upstream_broke_off_after_working_on_it_is_not_sent_twice(gat
     assert len(heads) == 2
 
 
+def test_a_connection_idle_past_its_expiry_is_not_used_again(
+    gateway_with: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def answers_then_forgets(conn: socket.socket, heads: list[bytes]) -> None:
+        answers(JSON_OK)(conn, heads)
+        while conn.recv(65536):  # a flow a firewall forgot: what comes next goes nowhere
+            pass
+
+    monkeypatch.setattr(gateway, "KEEPALIVE_EXPIRY", 0.2)
+    with socket_upstream(answers_then_forgets, answers(JSON_OK)) as (url, _):
+        gw = gateway_with(BACKENDS=f"fake={url}", READ_TIMEOUT="2")
+        assert post(gw).status_code == 200
+        time.sleep(0.3)  # idle past the expiry
+        assert post(gw).status_code == 200
+
+
 def test_a_body_that_ends_when_the_upstream_closes_reaches_the_client_whole(gateway_with: Callable) -> None:
     events = b"data: one\n\ndata: [DONE]\n\n"
     reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + events
