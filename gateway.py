@@ -85,6 +85,7 @@ class Settings:
     models_timeout: float
     max_connections: int
     max_body_bytes: int
+    shutdown_timeout: float
     gateway_api_keys: tuple[bytes, ...]
     gateway_id: str
     log_level: str
@@ -102,20 +103,21 @@ class Settings:
             "openai": _backend(env, "openai", env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"),
         }
         for name, url in _parse_backends(env.get("BACKENDS", "")):
-            backends[name] = _backend(env, name, url)
+            backends[name] = _backend(env, name, with_v1(url) if name == "ollama" else url)
         default = env.get("DEFAULT_BACKEND", "openai").strip() or None
         if default is not None and default not in backends:
             raise ConfigError(f"DEFAULT_BACKEND={default!r} is not a backend; choose one of {', '.join(backends)}")
         return cls(
             backends=backends,
             default_backend=default,
-            default_temperature=_number(env, "DEFAULT_TEMPERATURE", None, float),
+            default_temperature=_number(env, "DEFAULT_TEMPERATURE", None, float, zero_ok=True),
             default_max_tokens=_number(env, "DEFAULT_MAX_TOKENS", None, int),
             connect_timeout=_number(env, "CONNECT_TIMEOUT", 10.0, float),
             read_timeout=_number(env, "READ_TIMEOUT", 600.0, float),
             models_timeout=_number(env, "MODELS_TIMEOUT", 5.0, float),
             max_connections=_number(env, "MAX_CONNECTIONS", 1000, int),
             max_body_bytes=_number(env, "MAX_BODY_BYTES", 32 * MiB, int),
+            shutdown_timeout=_number(env, "SHUTDOWN_TIMEOUT", 8.0, float),
             gateway_api_keys=tuple(k.strip().encode() for k in env.get("GATEWAY_API_KEYS", "").split(",") if k.strip()),
             gateway_id=env.get("GATEWAY_ID") or secrets.token_hex(6),
             log_level=_log_level(env.get("LOG_LEVEL") or "info"),
@@ -141,7 +143,11 @@ def public_url(url: str) -> str:
 def _backend(env: Mapping[str, str], name: str, url: str) -> Backend:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(f"backend {name!r} needs an http(s) URL without query or fragment, got {public_url(url)!r}")
+        shown = public_url(url) if parts.scheme in ("http", "https") else url.rpartition("@")[2]  # no password
+        raise ConfigError(
+            f"backend {name!r} needs an http:// or https:// URL without query or fragment, like "
+            f"http://localhost:8000/v1; got {shown!r}"
+        )
     key_name = re.sub(r"[-.]", "_", name.upper()) + "_API_KEY"
     key = env.get(key_name, "").strip() or None
     if key and (parts.username or parts.password):
@@ -152,8 +158,8 @@ def _backend(env: Mapping[str, str], name: str, url: str) -> Backend:
 def _parse_backends(spec: str) -> Iterable[tuple[str, str]]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, sep, url = item.partition("=")
-        name = name.strip().lower()
-        if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ConfigError(
                 f"BACKENDS entries look like name=url (name of letters, digits, '_', '-', '.'), got {item!r}"
             )
@@ -166,7 +172,8 @@ def _log_level(name: str) -> str:
     return name.upper()
 
 
-def _number(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
+def _number(env: Mapping[str, str], name: str, default: Any, kind: type, zero_ok: bool = False) -> Any:
+    """A number setting; zero only where it means something (a temperature), never a timeout of 0."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -174,8 +181,8 @@ def _number(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
         value = kind(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
-    if value < 0 or value != value:
-        raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    if not (value >= 0 if zero_ok else value > 0):  # NaN fails both
+        raise ConfigError(f"{name} must be {'zero or more' if zero_ok else 'more than zero'}, got {raw!r}")
     return value
 
 
@@ -1155,12 +1162,29 @@ def points_at(url: str, host: str, port: int) -> bool:
     return same_host and (parts.port or {"http": 80, "https": 443}[parts.scheme]) == port
 
 
+def _cli_number(name: str, low: int, high: int) -> Callable[[str], int]:
+    def number(text: str) -> int:
+        if not text.strip().isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+
+    return number
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python gateway.py` / `llm-gateway`: serve the gateway with uvicorn."""
-    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    parser.add_argument("--workers", type=int, default=1, help="processes to serve with; about one per core")
+    parser = argparse.ArgumentParser(
+        prog="llm-gateway", description=__doc__.splitlines()[0],
+        epilog="Every other setting comes from the environment or a .env file in the working directory; "
+        ".env.example documents each one.",
+    )
+    parser.add_argument("--host", default=os.environ.get("HOST", "").strip() or "127.0.0.1",
+                        help="address to listen on (default: HOST, else 127.0.0.1)")
+    parser.add_argument("--port", type=_cli_number("PORT/--port", 0, 65535),
+                        default=os.environ.get("PORT", "").strip() or "8000",
+                        help="port to listen on (default: PORT, else 8000)")
+    parser.add_argument("--workers", type=_cli_number("--workers", 1, 1024), default="1",
+                        help="processes to serve with; about one per core")
     args = parser.parse_args(argv)
     for backend in SETTINGS.backends.values():
         if points_at(backend.base_url, args.host, args.port):
@@ -1172,6 +1196,7 @@ def main(argv: list[str] | None = None) -> None:
         "gateway:app" if args.workers > 1 else app,
         host=args.host, port=args.port, workers=args.workers,
         log_level=SETTINGS.log_level.lower(), access_log=False, proxy_headers=False,
+        timeout_graceful_shutdown=SETTINGS.shutdown_timeout,
     )
 
 

@@ -463,7 +463,11 @@ def running(
         yield url
     finally:
         process.terminate()
-        stdout, _ = process.communicate(timeout=10)
+        try:
+            stdout, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
         if output is not None:
             output.append(stdout.decode())
 
@@ -509,6 +513,39 @@ def test_workers_share_one_gateway_id_so_a_loop_stops_at_once() -> None:
             assert post(url, json={"model": "self:m"}).status_code == 508
     # Each looping request came back once, to whichever worker, and was stopped there.
     assert output[0].count("status=508") == 2 * 6
+
+
+@pytest.mark.slow
+def test_sigterm_closes_open_streams_after_the_shutdown_timeout(upstream: Upstream) -> None:
+    upstream.handler = upstream.stream_one_event_then_hold
+    port = free_port()
+    env = {"BACKENDS": f"fake={upstream.url}/v1", "SHUTDOWN_TIMEOUT": "0.5"}
+    with running([sys.executable, "gateway.py", "--port", str(port)], port, env) as url:
+        sock = raw_request(url, b'{"model": "fake:m", "stream": true}')
+        assert b"data: one" in read_until(sock, b"data: one")
+    # leaving `running` sent SIGTERM and gave the gateway 10 s to exit; the stream held it 0.5 s
+    assert upstream.disconnected.wait(5)
+    sock.close()
+
+
+def test_an_empty_host_setting_listens_on_127_0_0_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    served: dict[str, Any] = {}
+    monkeypatch.setattr(gateway.uvicorn, "run", lambda app, **config: served.update(config))
+    monkeypatch.setenv("HOST", "")
+    gateway.main([])
+    assert served["host"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("argv", "port_setting"), [([], "abc"), ([], "99999"), (["--port", "-1"], ""),
+                                                     (["--workers", "0"], "")])
+def test_an_unusable_port_or_worker_count_is_refused_with_a_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv: list[str], port_setting: str
+) -> None:
+    monkeypatch.setattr(gateway.uvicorn, "run", lambda app, **config: pytest.fail("served"))
+    monkeypatch.setenv("PORT", port_setting)
+    with pytest.raises(SystemExit) as stopped:
+        gateway.main(argv)
+    assert stopped.value.code == 2 and "must be a whole number from" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,8 +619,11 @@ def test_empty_upstream_model_is_refused_with_the_backends_listed(model: str) ->
     assert "'ollama:<model>'" in caught.value.message and "'openai:<model>'" in caught.value.message
 
 
-@pytest.mark.parametrize(("name", "value"), [("READ_TIMEOUT", "soon"), ("MAX_CONNECTIONS", "-1"), ("LOG_LEVEL", "loud"),
-                                             ("BACKENDS", "no-url-here"), ("BACKENDS", "x=ftp://host/v1")])
+@pytest.mark.parametrize(("name", "value"), [
+    ("READ_TIMEOUT", "soon"), ("MAX_CONNECTIONS", "-1"), ("LOG_LEVEL", "loud"), ("BACKENDS", "no-url-here"),
+    ("BACKENDS", "x=ftp://host/v1"), ("READ_TIMEOUT", "0"), ("CONNECT_TIMEOUT", "0"), ("MODELS_TIMEOUT", "0"),
+    ("MAX_CONNECTIONS", "0"), ("MAX_BODY_BYTES", "0"), ("DEFAULT_MAX_TOKENS", "0"), ("SHUTDOWN_TIMEOUT", "nan"),
+])
 def test_unusable_setting_is_refused_at_start_with_its_name(name: str, value: str) -> None:
     with pytest.raises(gateway.ConfigError, match=name if name != "BACKENDS" else "BACKENDS|backend 'x'"):
         settings(**{name: value})
@@ -592,6 +632,24 @@ def test_unusable_setting_is_refused_at_start_with_its_name(name: str, value: st
 def test_default_backend_must_name_a_backend() -> None:
     with pytest.raises(gateway.ConfigError, match="DEFAULT_BACKEND"):
         settings(DEFAULT_BACKEND="nope")
+
+
+def test_a_temperature_of_zero_is_a_default_like_any_other() -> None:
+    assert settings(DEFAULT_TEMPERATURE="0").default_temperature == 0.0
+
+
+def test_a_backend_url_without_its_scheme_is_refused_as_written() -> None:
+    with pytest.raises(gateway.ConfigError, match="http://.*got 'localhost:1234/v1'"):
+        settings(BACKENDS="x=localhost:1234/v1")
+
+
+def test_a_backend_name_is_the_model_prefix_as_written() -> None:
+    assert routed("MyLLM:q", BACKENDS="MyLLM=http://box:8000/v1") == ("MyLLM", "q")
+    assert settings(BACKENDS="MyLLM=http://box:8000/v1", MYLLM_API_KEY="k").backends["MyLLM"].api_key == "k"
+
+
+def test_an_ollama_entry_in_backends_gets_v1_like_ollama_base_url() -> None:
+    assert settings(BACKENDS="ollama=http://gpu:11434").backends["ollama"].base_url == "http://gpu:11434/v1"
 
 
 def test_upstream_url_is_base_url_plus_path_after_v1(upstream: Upstream, gateway_with: Callable[..., str]) -> None:
