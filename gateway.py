@@ -402,6 +402,7 @@ def upstream_headers(request: Request, backend: Backend, settings: Settings) -> 
 # ---------------------------------------------------------------------------------------------
 
 HIGH_WATER = 256 * 1024  # body bytes held for a slow client before the upstream is asked to wait
+MAX_RESPONSE_HEAD = 100 * 1024  # bytes of status line and headers, as httpx's own transport allows
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -436,6 +437,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.received_any = False
+        self.head_bytes = 0  # read while the head was still incomplete
         self.error: Exception | None = None
         self.waiter: asyncio.Future[None] | None = None
 
@@ -455,6 +457,12 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.fail(httpx.RemoteProtocolError(f"malformed response from the upstream: {exc}"))
             self.close()
+            return
+        if not self.head.done():
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_RESPONSE_HEAD:
+                self.fail(httpx.RemoteProtocolError(f"the upstream's response head is over {MAX_RESPONSE_HEAD} bytes"))
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -475,7 +483,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response, never asked for: it stops here, with its connection
+            raise httptools.HttpParserError("a response the gateway did not ask for")
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head.done():  # a trailer field after a chunked body: not a header of the response
+            return
         self.headers.append((name, value))
         lower = name.lower()
         if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
@@ -556,12 +570,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.watchdog = self.loop.call_later(next_look, self.check_silence, timeout)
 
     async def drained(self, timeout: float | None) -> None:
-        """Wait until the upstream has taken the request body, at most `timeout` seconds."""
+        """Wait until the upstream has taken the request body or answered early (a 413, a 401, ...),
+        at most `timeout` seconds. A connection whose request was not all sent is not reused."""
         assert self.writable
-        try:
-            await asyncio.wait_for(asyncio.shield(self.writable), timeout)
-        except TimeoutError:
-            raise httpx.WriteTimeout("the upstream took too long to read the request") from None
+        writable = self.writable  # resume_writing() lets go of it once drained
+        await asyncio.wait((writable, self.head), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not writable.done() and not self.head.done():
+            raise httpx.WriteTimeout("the upstream took too long to read the request")
 
     def disarm(self) -> None:
         if self.watchdog:
@@ -587,7 +602,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.lost
+        return self.complete and self.keep_alive and not self.lost and self.writable is None
 
 
 class UpstreamBody(httpx.AsyncByteStream):
@@ -730,7 +745,10 @@ def _request_head(request: httpx.Request) -> bytes:
 
 
 def client_headers(response: httpx.Response, backend: Backend) -> list[tuple[bytes, bytes]]:
-    headers = filter_headers(response.headers.raw, NOT_FORWARDED_DOWN | {b"x-accel-buffering"})
+    dropped = NOT_FORWARDED_DOWN | {b"x-accel-buffering"}
+    if response.status_code in (204, 304):  # no body by definition: a length would promise one
+        dropped |= {b"content-length"}
+    headers = filter_headers(response.headers.raw, dropped)
     headers.append((b"x-gateway-backend", backend.name.encode()))
     content_type = response.headers.get("content-type", "")
     if "content-length" not in response.headers or content_type.startswith("text/event-stream"):

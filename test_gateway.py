@@ -275,7 +275,9 @@ def read_http_request(conn: socket.socket) -> bytes:
     """One request off a raw connection, its body read by its Content-Length; its head is returned."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += conn.recv(65536)
+        if not (chunk := conn.recv(65536)):
+            raise ConnectionResetError("the gateway closed the connection")
+        data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
     while len(body) < length:
@@ -305,12 +307,14 @@ def socket_upstream(*connections: Connection) -> Iterator[tuple[str, list[bytes]
     heads: list[bytes] = []
 
     def accept_each() -> None:
-        with suppress(OSError):  # the listener shut down: the test is over
-            for connection in connections:
+        for connection in connections:
+            try:
                 conn, _ = listener.accept()
-                conn.settimeout(10)
-                with conn:
-                    connection(conn, heads)
+            except OSError:  # the listener shut down: the test is over
+                return
+            conn.settimeout(10)
+            with conn, suppress(OSError):  # the gateway hung up: on to the next connection
+                connection(conn, heads)
 
     thread = threading.Thread(target=accept_each, daemon=True)
     thread.start()
@@ -1581,6 +1585,59 @@ def test_an_upstream_reset_during_a_body_without_length_aborts_the_clients_respo
             with httpx.stream("POST", gw + "/v1/chat/completions", json={"model": "fake:m"}, timeout=TIMEOUT) as r:
                 for _ in r.iter_raw():
                     first_event.set()
+
+
+CHUNKED_FIRST = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n5\r\nfirst\r\n"
+
+
+def test_a_response_nobody_asked_for_is_dropped_with_its_connection(gateway_with: Callable) -> None:
+    unasked = b"HTTP/1.1 200 OK\r\ncontent-length: 30\r\n\r\nLEFTOVER"  # after the answer, in the same write
+    with socket_upstream(answers(CHUNKED_FIRST + b"0\r\n\r\n" + unasked, JSON_OK), answers(JSON_OK)) as (url, _):
+        gw = gateway_with(BACKENDS=f"fake={url}", READ_TIMEOUT="5")
+        assert post(gw).content == b"first"
+        assert post(gw).content == b"{}"  # on a new connection: the old one is out of step
+
+
+def test_trailers_of_a_chunked_body_are_not_passed_as_headers(gateway_with: Callable) -> None:
+    trailers = b"0\r\nx-injected: yes\r\ncontent-type: text/html\r\n\r\n"
+    with socket_upstream(answers(CHUNKED_FIRST + trailers)) as (url, _):
+        response = post(gateway_with(BACKENDS=f"fake={url}"))
+    assert response.content == b"first" and response.headers["content-type"] == "application/json"
+    assert "x-injected" not in response.headers
+
+
+def test_an_endless_response_head_is_a_502_not_a_memory_hog(gateway_with: Callable) -> None:
+    endless = b"HTTP/1.1 200 OK\r\nx-big: " + b"x" * (gateway.MAX_RESPONSE_HEAD + 1)
+    with socket_upstream(answers(endless)) as (url, _):
+        response = post(gateway_with(BACKENDS=f"fake={url}"))
+    assert response.status_code == 502 and "head is over" in error_of(response)["message"]
+
+
+def test_a_304_with_a_length_reaches_the_client_on_a_connection_kept_alive(gateway_with: Callable) -> None:
+    not_modified = b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n"
+    with socket_upstream(answers(not_modified, not_modified)) as (url, _):
+        gw = gateway_with(BACKENDS=f"fake={url}")
+        body = b'{"model": "fake:m"}'
+        with socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10) as sock:
+            for _ in range(2):  # the second request on the same connection: the first ended cleanly
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 304 ")
+
+
+def test_an_answer_before_the_whole_body_was_read_reaches_the_client(gateway_with: Callable) -> None:
+    test_over = threading.Event()
+
+    def refuses_unread(conn: socket.socket, heads: list[bytes]) -> None:
+        conn.recv(65536)  # the head and a first piece of the body, no more
+        conn.sendall(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nnope")
+        test_over.wait(10)
+
+    with socket_upstream(refuses_unread) as (url, _):
+        gw = gateway_with(BACKENDS=f"fake={url}", READ_TIMEOUT="3")
+        response = post(gw, json={"model": "fake:m", "input": "x" * (20 * MiB)})
+        test_over.set()
+    assert (response.status_code, response.content) == (401, b"nope")
 
 
 def test_slow_client_holds_back_a_fast_stream(gw: str, upstream: Upstream) -> None:
