@@ -454,8 +454,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.heard = self.loop.time()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.fail(httpx.RemoteProtocolError(f"malformed response from the upstream: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # no protocol switch either
+            self.fail(httpx.RemoteProtocolError(f"malformed response from the upstream: {exc or type(exc).__name__}"))
             self.close()
             return
         if not self.head.done():

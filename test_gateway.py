@@ -1613,6 +1613,14 @@ def test_an_endless_response_head_is_a_502_not_a_memory_hog(gateway_with: Callab
     assert response.status_code == 502 and "head is over" in error_of(response)["message"]
 
 
+def test_an_upstream_switching_protocols_is_a_502(gateway_with: Callable, caplog: pytest.LogCaptureFixture) -> None:
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+    with socket_upstream(answers(switch)) as (url, _):
+        response = post(gateway_with(BACKENDS=f"fake={url}", READ_TIMEOUT="5"))
+    assert response.status_code == 502 and error_of(response)["code"] == "upstream_failed"
+    assert "Fatal error" not in caplog.text
+
+
 def test_a_304_with_a_length_reaches_the_client_on_a_connection_kept_alive(gateway_with: Callable) -> None:
     not_modified = b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n"
     with socket_upstream(answers(not_modified, not_modified)) as (url, _):
