@@ -1282,6 +1282,12 @@ def markdown_report(report: dict[str, Any]) -> str:
                   "had CPU to spare while the load generator + fake upstream were busy: req/s there is (close to) "
                   "the harness's limit, not the gateway's; 'gw req/s per core (est.)' = 1e6 / CPU µs per request "
                   "is the gateway's own figure.", ""]
+    under = [f"{k} {_f(s['direct_over_gateway'])}x" for k, s in sc.items()
+             if k not in bound and s["direct_over_gateway"] is not None and s["direct_over_gateway"] < 5]
+    if under:
+        lines += [f"HARNESS UNDER 5x: {', '.join(under)}: the harness is less than 5x faster than the gateway "
+                  "there, so its req/s and latencies are partly the harness's; CPU µs per request is the "
+                  "gateway's own.", ""]
     samples = [e for s in sc.values() for t in ("direct", "gateway") for e in s[t].get("error_samples", [])]
     if samples:
         lines += ["first error answers:", *(f"- `{e}`" for e in samples[:5]), ""]
@@ -1293,8 +1299,9 @@ def markdown_report(report: dict[str, Any]) -> str:
     sse = sc.get("sse_c64")
     if sse:
         g = sse["gateway"]
+        rate = "the harness's rate, see HARNESS-BOUND" if g.get("harness_bound") else "the gateway's rate"
         lines += [f"SSE through the gateway: {_f(g['rps'])} streams/s = "
-                  f"{_f(g['rps'] * SSE_EXPECTED_EVENTS, 0)} events/s; every stream checked for "
+                  f"{_f(g['rps'] * SSE_EXPECTED_EVENTS, 0)} events/s ({rate}); every stream checked for "
                   f"{SSE_EXPECTED_EVENTS} events, {SSE_BODY_LEN} B and the final [DONE].", ""]
 
     lat = report["latency_c1"]

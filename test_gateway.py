@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -913,6 +914,11 @@ def test_via_entry_is_added_and_earlier_entries_kept(upstream: Upstream, gw: str
     assert upstream.last.header("via") == "1.1 edge-proxy, 1.1 llm-gateway-test-gw"
 
 
+def test_expect_100_continue_is_not_passed_upstream(upstream: Upstream, gw: str) -> None:
+    assert post(gw, headers={"expect": "100-continue"}).status_code == 200
+    assert upstream.last.header("expect") is None
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Passthrough: the response
 # ---------------------------------------------------------------------------------------------
@@ -1076,6 +1082,11 @@ def test_gateway_key_is_accepted_as_bearer_or_x_api_key(locked: str, headers: di
 
 def test_gateway_key_in_x_api_key_is_accepted_beside_another_authorization(locked: str) -> None:
     assert post(locked, headers={"authorization": "Bearer sk-the-sdks-own", "x-api-key": "gw-key-2"}).status_code == 200
+
+
+def test_a_gateway_key_beyond_ascii_is_accepted(upstream: Upstream) -> None:
+    with serve(create_app(settings(BACKENDS=f"fake={upstream.url}/v1", GATEWAY_API_KEYS="clé-1"))) as url:
+        assert post(url, headers={"authorization": "Bearer clé-1".encode()}).status_code == 200
 
 
 def test_sdk_authenticates_with_a_gateway_key(locked: str) -> None:
@@ -1481,6 +1492,15 @@ def test_client_disconnect_is_logged(gw: str, upstream: Upstream, access_log: Ca
     assert "status=499" in line and "(client disconnected)" in line
 
 
+def test_client_leaving_during_its_request_body_is_logged_as_499(
+    gw: str, upstream: Upstream, access_log: Callable[[], list[str]]
+) -> None:
+    with socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+    [line] = eventually(access_log)
+    assert "status=499" in line and "(client disconnected)" in line and upstream.requests == []
+
+
 def test_an_overlong_model_is_logged_cut_short(gw: str, access_log: Callable[[], list[str]]) -> None:
     post(gw, json={"model": "fake:" + "m" * 100_000, "messages": []})
     [line] = eventually(access_log)
@@ -1560,6 +1580,46 @@ def test_a_connection_idle_past_its_expiry_is_not_used_again(
         assert post(gw).status_code == 200
         time.sleep(0.3)  # idle past the expiry
         assert post(gw).status_code == 200
+
+
+def test_connections_left_idle_after_a_burst_are_closed_while_one_stays_busy(
+    gateway_with: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    all_in = threading.Barrier(4, timeout=5)  # four requests upstream at once: four connections
+
+    async def burst(seen: Seen, receive: Any, send: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, all_in.wait)
+        await echo_completion(seen, receive, send)
+
+    monkeypatch.setattr(gateway, "KEEPALIVE_EXPIRY", 0.5)
+    fake = Upstream(handler=burst)
+    with uvicorn_server(fake, timeout_keep_alive=60) as server:  # an upstream that never closes them itself
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = gateway_with(BACKENDS=f"fake=http://127.0.0.1:{port}/v1")
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda _: post(url).status_code, range(4))) == [200] * 4
+        assert len(server.server_state.connections) == 4
+        fake.handler = None
+        for _ in range(5):  # a trickle that keeps one connection fresh, for longer than the expiry
+            assert post(url).status_code == 200
+            time.sleep(0.2)
+        eventually(lambda: len(server.server_state.connections) == 1, timeout=2)
+
+
+def test_plain_http_backends_named_in_no_proxy_still_take_the_gateways_transport(
+    gateway_with: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # httpx would route these past the mounts
+    with socket_upstream(answers(JSON_OK, None), answers(JSON_OK)) as (url, heads):
+        gw = gateway_with(BACKENDS=f"fake={url}")
+        assert [post(gw).status_code for _ in range(2)] == [200, 200]  # the stale connection resent
+    assert len(heads) == 3
+
+
+def test_an_upstream_status_outside_http_is_a_502(gateway_with: Callable) -> None:
+    with socket_upstream(answers(b"HTTP/1.1 600 Weird\r\ncontent-length: 2\r\n\r\n{}")) as (url, _):
+        response = post(gateway_with(BACKENDS=f"fake={url}"))
+    assert response.status_code == 502 and "600" in error_of(response)["message"]
 
 
 def test_a_body_that_ends_when_the_upstream_closes_reaches_the_client_whole(gateway_with: Callable) -> None:
