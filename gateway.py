@@ -996,9 +996,9 @@ async def retrieve_model(request: Request) -> Response:
         raise invalid_path()
     asked = request.path_params["model"]  # decoded: the SDK sends `org/model` as `org%2Fmodel`
     backend, model = route_model(asked, settings)
-    request.state.backend, request.state.model = backend.name, model
-    if model in (".", ".."):
+    if model in (".", ".."):  # as a path segment, it would name the directory above
         raise GatewayError(400, f"model {asked!r} names no model; send one, like {_choices(settings)}", param="model")
+    request.state.backend, request.state.model = backend.name, model
     url = httpx.URL(backend.base_url + "/models/" + quote(model, safe=""))
     try:
         response = await unless_client_leaves(request, request.app.state.client.send(
