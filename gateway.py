@@ -24,8 +24,15 @@ import secrets
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -369,6 +376,10 @@ NOT_FORWARDED_UP = HOP_BY_HOP | {
 }
 # The gateway's server writes its own `Date` and `Server`, as nginx does in front of an upstream.
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"set-cookie", b"date", b"server"}
+# A relayed answer: the gateway says itself whether a proxy in front may buffer it; a 204 or 304
+# has no body, and a length would promise one.
+NOT_RELAYED = NOT_FORWARDED_DOWN | {b"x-accel-buffering"}
+NOT_RELAYED_WITHOUT_BODY = NOT_RELAYED | {b"content-length"}
 
 
 def _connection_named(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
@@ -757,10 +768,8 @@ def _request_head(request: httpx.Request) -> bytes:
 
 
 def client_headers(response: httpx.Response, backend: Backend) -> list[tuple[bytes, bytes]]:
-    dropped = NOT_FORWARDED_DOWN | {b"x-accel-buffering"}
-    if response.status_code in (204, 304):  # no body by definition: a length would promise one
-        dropped |= {b"content-length"}
-    headers = filter_headers(response.headers.raw, dropped)
+    bodiless = response.status_code in (204, 304)
+    headers = filter_headers(response.headers.raw, NOT_RELAYED_WITHOUT_BODY if bodiless else NOT_RELAYED)
     headers.append((b"x-gateway-backend", backend.name.encode()))
     content_type = response.headers.get("content-type", "")
     if "content-length" not in response.headers or content_type.startswith("text/event-stream"):
@@ -786,7 +795,7 @@ class UpstreamClient(httpx.AsyncClient):
     """
 
     def __init__(self, plain_http: httpx.AsyncBaseTransport, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(mounts={"http://": plain_http}, **kwargs)  # mounted, so httpx opens and closes it
         self.plain_http = plain_http
         self.no_cookies = NoCookies()
 
@@ -796,10 +805,6 @@ class UpstreamClient(httpx.AsyncClient):
     @property
     def cookies(self) -> httpx.Cookies:
         return self.no_cookies
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await super().__aexit__(*exc_info)
-        await self.plain_http.aclose()
 
 
 def upstream_failure(exc: httpx.HTTPError, backend: Backend, url: httpx.URL) -> GatewayError:
@@ -835,14 +840,21 @@ async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> No
     scope.cancel()
 
 
-async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """`work`, cancelled as soon as the client disconnects, for requests without a body to read."""
+@contextmanager
+def cancelled_if_client_leaves(receive: Receive) -> Iterator[anyio.CancelScope]:
+    """A scope whose work is cancelled as soon as the client disconnects; `cancelled_caught` tells."""
     with anyio.CancelScope() as scope:
-        watcher = asyncio.create_task(cancel_on_disconnect(request.receive, scope))
+        watcher = asyncio.create_task(cancel_on_disconnect(receive, scope))
         try:
-            return await work
+            yield scope
         finally:
             watcher.cancel()
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled as soon as the client disconnects, for requests without a body to read."""
+    with cancelled_if_client_leaves(request.receive):
+        return await work
     request.state.outcome = "client disconnected"
     raise GatewayError(499, "the client went away before the answer")  # for the log: nobody reads it
 
@@ -860,13 +872,9 @@ class Relay:
         self.client, self.request, self.backend = client, request, backend
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        with anyio.CancelScope() as cancel_scope:
-            watcher = asyncio.create_task(cancel_on_disconnect(receive, cancel_scope))
-            try:
-                await self.relay(scope, send)
-            finally:
-                watcher.cancel()
-        if cancel_scope.cancelled_caught:
+        with cancelled_if_client_leaves(receive) as watch:
+            await self.relay(scope, send)
+        if watch.cancelled_caught:
             scope["state"]["outcome"] = "client disconnected"
 
     async def relay(self, scope: Scope, send: Send) -> None:

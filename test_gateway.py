@@ -327,9 +327,14 @@ def socket_upstream(*connections: Connection) -> Iterator[tuple[str, list[bytes]
         thread.join(5)
 
 
+def connect_to(url: str, timeout: float = 10) -> socket.socket:
+    """A raw connection to the server at `url` (http://127.0.0.1:<port>)."""
+    return socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=timeout)
+
+
 def raw_request(gw: str, body: bytes) -> socket.socket:
     """Send a chat request on a raw connection, so the test decides when the client goes away."""
-    sock = socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10)
+    sock = connect_to(gw)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     return sock
@@ -941,7 +946,7 @@ def test_gzip_response_is_passed_through_undecoded(upstream: Upstream, gw: str) 
 
 
 def test_gateway_does_not_ask_for_compression_the_client_did_not(upstream: Upstream, gw: str) -> None:
-    with socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10) as sock:
+    with connect_to(gw) as sock:
         body = b'{"model": "fake:m"}'
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n"
                      b"Connection: close\r\n\r\n%s" % (len(body), body))
@@ -1114,7 +1119,7 @@ def test_gateway_key_sent_as_x_api_key_is_not_forwarded(locked: str, upstream: U
 
 def test_declared_body_over_the_limit_gets_413_before_it_is_sent(gateway_with: Callable, upstream: Upstream) -> None:
     url = gateway_with(MAX_BODY_BYTES="1000")
-    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as sock:
+    with connect_to(url, timeout=5) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000000\r\n\r\n")
         answer_ = read_response(sock)
     assert answer_.startswith(b"HTTP/1.1 413") and b"MAX_BODY_BYTES" in answer_
@@ -1411,7 +1416,7 @@ def test_client_disconnect_while_models_are_asked_closes_the_upstream_request(
     gw: str, upstream: Upstream, path: str
 ) -> None:
     upstream.handler = upstream.think_until_disconnect
-    sock = socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10)
+    sock = connect_to(gw)
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
     assert upstream.received.wait(5)
     sock.close()
@@ -1495,7 +1500,7 @@ def test_client_disconnect_is_logged(gw: str, upstream: Upstream, access_log: Ca
 def test_client_leaving_during_its_request_body_is_logged_as_499(
     gw: str, upstream: Upstream, access_log: Callable[[], list[str]]
 ) -> None:
-    with socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10) as sock:
+    with connect_to(gw) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\n\r\n{\"model\"")
     [line] = eventually(access_log)
     assert "status=499" in line and "(client disconnected)" in line and upstream.requests == []
@@ -1686,7 +1691,7 @@ def test_a_304_with_a_length_reaches_the_client_on_a_connection_kept_alive(gatew
     with socket_upstream(answers(not_modified, not_modified)) as (url, _):
         gw = gateway_with(BACKENDS=f"fake={url}")
         body = b'{"model": "fake:m"}'
-        with socket.create_connection(("127.0.0.1", int(gw.rsplit(":", 1)[1])), timeout=10) as sock:
+        with connect_to(gw) as sock:
             for _ in range(2):  # the second request on the same connection: the first ended cleanly
                 sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%s"
                              % (len(body), body))
@@ -1812,7 +1817,7 @@ def test_any_json_object_gets_a_clear_answer(target: str, payload: dict, model: 
 @example(method="GET", path="v1/models/" + "m" * 5000)
 @example(method="DELETE", path="v1/models/fake:m")
 def test_any_method_and_path_get_a_clear_answer(target: str, method: str, path: str) -> None:
-    with socket.create_connection(("127.0.0.1", int(target.rsplit(":", 1)[1])), timeout=10) as sock:
+    with connect_to(target) as sock:
         body = b'{"model": "fake:m"}'
         raw_path = "/" + "".join(c if 0x20 < ord(c) < 0x7f else "%%%02X" % ord(c) for c in path)
         sock.sendall(f"{method} {raw_path} HTTP/1.1\r\nHost: gw\r\nContent-Length: {len(body)}\r\n"
