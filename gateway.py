@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import sys
 import time
 from collections import deque
@@ -107,11 +108,11 @@ class Settings:
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Read every setting from `env`; `.env.example` documents each one."""
         backends = {
-            "ollama": _backend(env, "ollama", with_v1(env.get("OLLAMA_BASE_URL") or "http://localhost:11434")),
+            "ollama": _backend(env, "ollama", env.get("OLLAMA_BASE_URL") or "http://localhost:11434"),
             "openai": _backend(env, "openai", env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"),
         }
         for name, url in _parse_backends(env.get("BACKENDS", "")):
-            backends[name] = _backend(env, name, with_v1(url) if name == "ollama" else url)
+            backends[name] = _backend(env, name, url)
         default = env.get("DEFAULT_BACKEND", "openai").strip() or None
         if default is not None and default not in backends:
             raise ConfigError(f"DEFAULT_BACKEND={default!r} is not a backend; choose one of {', '.join(backends)}")
@@ -160,7 +161,7 @@ def _backend(env: Mapping[str, str], name: str, url: str) -> Backend:
     key = env.get(key_name, "").strip() or None
     if key and (parts.username or parts.password):
         raise ConfigError(f"backend {name!r} has a user and password in its URL and {key_name} too; keep one of them")
-    return Backend(name=name, base_url=url.rstrip("/"), api_key=key)
+    return Backend(name=name, base_url=with_v1(url) if name == "ollama" else url.rstrip("/"), api_key=key)
 
 
 def _parse_backends(spec: str) -> Iterable[tuple[str, str]]:
@@ -828,9 +829,21 @@ def upstream_failure(exc: httpx.HTTPError, backend: Backend, url: httpx.URL) -> 
             type="upstream_error", code="upstream_failed", headers=headers,
         )
     return GatewayError(
-        502, f"could not reach {where}: {reason}; check that it is running and that its URL is right",
+        502, f"could not reach {where}: {reason}; {_what_to_check(exc)}",
         type="upstream_error", code="upstream_unreachable", headers=headers,
     )
+
+
+def _what_to_check(exc: BaseException | None) -> str:
+    """The advice for a failed connection: TLS failures need another fix than a backend that is down."""
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return "its TLS certificate was not accepted: check the host name in its URL, or set SSL_CERT_FILE " \
+                "to the certificate authority that signed it"
+        if isinstance(exc, ssl.SSLError):
+            return "the TLS handshake failed: check that it serves https on that port, or give its URL as http://"
+        exc = exc.__cause__ or exc.__context__
+    return "check that it is running and that its URL is right"
 
 
 async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
@@ -1191,7 +1204,10 @@ def configure_logging(level: str) -> None:
 load_dotenv(Path.cwd() / ".env")
 if not os.environ.get("GATEWAY_ID"):
     os.environ["GATEWAY_ID"] = secrets.token_hex(6)  # one id for this gateway and all its workers
-SETTINGS = Settings.from_env(os.environ)
+try:
+    SETTINGS = Settings.from_env(os.environ)
+except ConfigError as exc:  # a setting to fix, not a bug: its message alone, whichever way the gateway starts
+    raise SystemExit(f"llm-gateway: {exc}") from None
 configure_logging(SETTINGS.log_level)
 app = create_app(SETTINGS)
 

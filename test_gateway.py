@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -651,6 +652,19 @@ def test_a_temperature_of_zero_is_a_default_like_any_other() -> None:
 def test_a_backend_url_without_its_scheme_is_refused_as_written() -> None:
     with pytest.raises(gateway.ConfigError, match="http://.*got 'localhost:1234/v1'"):
         settings(BACKENDS="x=localhost:1234/v1")
+
+
+def test_an_ollama_url_is_refused_as_written_not_as_completed_with_v1() -> None:
+    with pytest.raises(gateway.ConfigError, match="got 'localhost:11434'"):
+        settings(OLLAMA_BASE_URL="localhost:11434")
+
+
+def test_a_setting_to_fix_stops_python_gateway_py_with_its_message_alone() -> None:
+    env = dict(os.environ, OLLAMA_BASE_URL="localhost:11434")
+    done = subprocess.run([sys.executable, "gateway.py"], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.startswith("llm-gateway: backend 'ollama' needs an http:// or https:// URL")
+    assert "Traceback" not in done.stderr
 
 
 def test_a_backend_name_is_the_model_prefix_as_written() -> None:
@@ -1375,6 +1389,23 @@ def test_unreachable_upstream_is_a_502_naming_backend_and_url(gateway_with: Call
     assert "'ollama'" in message and f"{dead}/chat/completions" in message
     assert "sk-secret-ollama" not in response.text
     assert response.headers["x-gateway-backend"] == "ollama"
+
+
+def test_https_to_a_plain_http_backend_is_a_502_that_says_to_use_http(upstream: Upstream, gateway_with: Callable) -> None:
+    url = gateway_with(BACKENDS=f"fake={upstream.url.replace('http://', 'https://')}/v1")
+    response = post(url)
+    assert response.status_code == 502
+    assert "serves https on that port, or give its URL as http://" in error_of(response)["message"]
+
+
+def test_a_refused_backend_certificate_is_a_502_that_says_how_to_trust_it(
+    httpx_mock: HTTPXMock, mocked_gateway: TestClient
+) -> None:
+    refused = httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate")
+    refused.__cause__ = ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate")
+    httpx_mock.add_exception(refused)  # the chain httpx raises: its error, caused by the ssl module's
+    response = mocked_gateway.post("/v1/chat/completions", json={"model": "vllm:llama"})
+    assert response.status_code == 502 and "SSL_CERT_FILE" in error_of(response)["message"]
 
 
 def test_gateway_keeps_serving_after_an_unreachable_upstream(gateway_with: Callable) -> None:
