@@ -128,7 +128,7 @@ class Settings:
             max_body_bytes=_number(env, "MAX_BODY_BYTES", 32 * MiB, int),
             shutdown_timeout=_number(env, "SHUTDOWN_TIMEOUT", 8.0, float),
             gateway_api_keys=tuple(k.strip().encode() for k in env.get("GATEWAY_API_KEYS", "").split(",") if k.strip()),
-            gateway_id=env.get("GATEWAY_ID") or secrets.token_hex(6),
+            gateway_id=_gateway_id(env.get("GATEWAY_ID", "").strip() or secrets.token_hex(6)),
             log_level=_log_level(env.get("LOG_LEVEL") or "info"),
         )
 
@@ -175,6 +175,13 @@ def _parse_backends(spec: str) -> Iterable[tuple[str, str]]:
         yield name, url.strip()
 
 
+def _gateway_id(name: str) -> str:
+    """The id names this gateway in `Via`, whose entries are separated by commas and spaces."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"GATEWAY_ID may hold letters, digits, '_', '-' and '.' only, got {name!r}")
+    return name
+
+
 def _log_level(name: str) -> str:
     if name.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"LOG_LEVEL must be debug, info, warning, error or critical, got {name!r}")
@@ -218,6 +225,8 @@ class GatewayError(Exception):
         self.headers = dict(headers or {})
 
     def response(self) -> Response:
+        if self.status == 499:  # the client is gone: nothing is sent, and the log counts no bytes
+            return Response(status_code=499)
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return Response(JSON_ENCODER.encode(body), self.status, self.headers, media_type="application/json")
 
@@ -1202,7 +1211,7 @@ def configure_logging(level: str) -> None:
 
 
 load_dotenv(Path.cwd() / ".env")
-if not os.environ.get("GATEWAY_ID"):
+if not os.environ.get("GATEWAY_ID", "").strip():
     os.environ["GATEWAY_ID"] = secrets.token_hex(6)  # one id for this gateway and all its workers
 try:
     SETTINGS = Settings.from_env(os.environ)

@@ -667,6 +667,12 @@ def test_a_setting_to_fix_stops_python_gateway_py_with_its_message_alone() -> No
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("gateway_id", ["eu west", "a,b", "é"])
+def test_a_gateway_id_that_would_break_the_via_header_is_refused_at_start(gateway_id: str) -> None:
+    with pytest.raises(gateway.ConfigError, match="GATEWAY_ID"):
+        settings(GATEWAY_ID=gateway_id)
+
+
 def test_a_backend_name_is_the_model_prefix_as_written() -> None:
     assert routed("MyLLM:q", BACKENDS="MyLLM=http://box:8000/v1") == ("MyLLM", "q")
     assert settings(BACKENDS="MyLLM=http://box:8000/v1", MYLLM_API_KEY="k").backends["MyLLM"].api_key == "k"
@@ -1535,6 +1541,7 @@ def test_client_leaving_during_its_request_body_is_logged_as_499(
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\n\r\n{\"model\"")
     [line] = eventually(access_log)
     assert "status=499" in line and "(client disconnected)" in line and upstream.requests == []
+    assert "bytes=0" in line  # no error body written to a client that has gone
 
 
 def test_an_overlong_model_is_logged_cut_short(gw: str, access_log: Callable[[], list[str]]) -> None:
