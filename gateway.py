@@ -176,7 +176,7 @@ def _parse_backends(spec: str) -> Iterable[tuple[str, str]]:
 
 
 def _gateway_id(name: str) -> str:
-    """The id names this gateway in `Via`, whose entries are separated by commas and spaces."""
+    """`name`, checked: it names this gateway in `Via`, where a comma or a space would split it."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"GATEWAY_ID may hold letters, digits, '_', '-' and '.' only, got {name!r}")
     return name
@@ -847,8 +847,10 @@ def _what_to_check(exc: BaseException | None) -> str:
     """The advice for a failed connection: TLS failures need another fix than a backend that is down."""
     while exc is not None:
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return "its TLS certificate was not accepted: check the host name in its URL, or set SSL_CERT_FILE " \
-                "to the certificate authority that signed it"
+            return (
+                "its TLS certificate was not accepted: check the host name in its URL, or set SSL_CERT_FILE to "
+                "the certificate authority that signed it"
+            )
         if isinstance(exc, ssl.SSLError):
             return "the TLS handshake failed: check that it serves https on that port, or give its URL as http://"
         exc = exc.__cause__ or exc.__context__
