@@ -1082,8 +1082,21 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return GatewayError(500, "the gateway failed to handle this request; see its log", type="server_error").response()
 
 
+def stopping(backend: str | None) -> GatewayError:
+    """The answer to a request that the shutdown cut short before its answer began."""
+    headers = {"x-gateway-backend": backend} if backend else None
+    return GatewayError(
+        503, "the gateway is stopping, and this request was still waiting after SHUTDOWN_TIMEOUT; send it again",
+        type="server_error", code="gateway_stopping", headers=headers,
+    )
+
+
 class AccessLog:
-    """One log line per request: what was asked, where it went, and how it went."""
+    """One log line per request: what was asked, where it went, and how it went.
+
+    The outermost layer of the gateway, so also where a request that the shutdown cuts short gets
+    its answer: here it is known whether an answer had started.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -1108,6 +1121,10 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_counted)
+        except asyncio.CancelledError:  # only uvicorn cancels a request: it is stopping, SHUTDOWN_TIMEOUT is up
+            state["outcome"] = "cut short: the gateway is stopping"
+            if not status:  # else the answer stays without its end: aborted
+                await stopping(state.get("backend")).response()(scope, receive, send_counted)
         finally:
             ended = time.perf_counter()
             ttfb = (first_byte or ended) - started

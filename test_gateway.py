@@ -527,6 +527,23 @@ def test_workers_share_one_gateway_id_so_a_loop_stops_at_once() -> None:
 
 
 @pytest.mark.slow
+def test_sigterm_answers_a_request_still_waiting_for_its_backend_with_a_503(upstream: Upstream) -> None:
+    upstream.handler = upstream.think_until_disconnect
+    port = free_port()
+    env = {"BACKENDS": f"fake={upstream.url}/v1", "SHUTDOWN_TIMEOUT": "0.5"}
+    output: list[str] = []
+    with ThreadPoolExecutor(1) as client:
+        with running([sys.executable, "gateway.py", "--port", str(port)], port, env, output) as url:
+            waiting = client.submit(post, url)
+            assert upstream.received.wait(5)
+        # leaving `running` sent SIGTERM; the request waited SHUTDOWN_TIMEOUT, then was cut short
+        response = waiting.result(timeout=10)
+    assert response.status_code == 503 and error_of(response)["code"] == "gateway_stopping"
+    assert upstream.disconnected.wait(5)
+    assert "Traceback" not in output[0] and "status=503" in output[0]
+
+
+@pytest.mark.slow
 def test_sigterm_closes_open_streams_after_the_shutdown_timeout(upstream: Upstream) -> None:
     upstream.handler = upstream.stream_one_event_then_hold
     port = free_port()
