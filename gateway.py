@@ -30,16 +30,14 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
     Mapping,
 )
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
-import anyio
 import httptools
 import httpx
 import msgspec
@@ -857,27 +855,37 @@ def _what_to_check(exc: BaseException | None) -> str:
     return "check that it is running and that its URL is right"
 
 
-async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    """Cancel `scope` when the client goes away, so the upstream request is closed at once."""
+async def cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> None:
+    """Bring `deadline` forward to now when the client goes away, so the upstream request is closed at once."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    scope.cancel()
+    deadline.reschedule(-1.0)  # in the past: due at once
 
 
-@contextmanager
-def cancelled_if_client_leaves(receive: Receive) -> Iterator[anyio.CancelScope]:
-    """A scope whose work is cancelled as soon as the client disconnects; `cancelled_caught` tells."""
-    with anyio.CancelScope() as scope:
-        watcher = asyncio.create_task(cancel_on_disconnect(receive, scope))
-        try:
-            yield scope
-        finally:
-            watcher.cancel()
+@asynccontextmanager
+async def cancelled_if_client_leaves(receive: Receive) -> AsyncIterator[asyncio.Timeout]:
+    """A block cancelled as soon as the client disconnects; afterwards `expired()` tells whether it was.
+
+    A timeout whose deadline is the client's departure: it cancels the task outright. A cancel
+    scope that waits for the task to block on an unfinished wait never gets that chance while a
+    fast upstream keeps every wait short, and the relay would stream on into the void.
+    """
+    deadline = asyncio.timeout(None)
+    try:
+        async with deadline:
+            watcher = asyncio.create_task(cancel_on_disconnect(receive, deadline))
+            try:
+                yield deadline
+            finally:
+                watcher.cancel()
+    except TimeoutError:
+        if not deadline.expired():
+            raise
 
 
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     """`work`, cancelled as soon as the client disconnects, for requests without a body to read."""
-    with cancelled_if_client_leaves(request.receive):
+    async with cancelled_if_client_leaves(request.receive):
         return await work
     request.state.outcome = "client disconnected"
     raise GatewayError(499, "the client went away before the answer")  # for the log: nobody reads it
@@ -896,9 +904,9 @@ class Relay:
         self.client, self.request, self.backend = client, request, backend
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        with cancelled_if_client_leaves(receive) as watch:
+        async with cancelled_if_client_leaves(receive) as watch:
             await self.relay(scope, send)
-        if watch.cancelled_caught:
+        if watch.expired():
             scope["state"]["outcome"] = "client disconnected"
 
     async def relay(self, scope: Scope, send: Send) -> None:
@@ -1001,7 +1009,7 @@ async def _backend_models(request: Request, backend: Backend) -> list[dict[str, 
     client: httpx.AsyncClient = request.app.state.client
     url = backend.base_url + "/models"
     try:
-        with anyio.fail_after(settings.models_timeout):
+        async with asyncio.timeout(settings.models_timeout):
             response = await client.send(
                 httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
             )

@@ -1768,22 +1768,29 @@ def test_an_answer_before_the_whole_body_was_read_reaches_the_client(gateway_wit
     assert (response.status_code, response.content) == (401, b"nope")
 
 
-def test_slow_client_holds_back_a_fast_stream(gw: str, upstream: Upstream) -> None:
-    chunk, sent = b"x" * MiB, [0]
+def firehose(upstream: Upstream, sent: list[int]) -> Callable[..., Awaitable[None]]:
+    """A handler that streams 1 MiB chunks as fast as the gateway takes them, until it hangs up."""
+    chunk = b"x" * MiB
 
-    async def firehose(seen: Seen, receive: Any, send: Any) -> None:
+    async def stream(seen: Seen, receive: Any, send: Any) -> None:
         await start(send, 200, [("content-type", "application/octet-stream")])
         for _ in range(4096):  # 4 GiB, if nothing held it back
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             sent[0] += len(chunk)
             if upstream.disconnected.is_set():
                 return
+            await asyncio.sleep(0)  # a send to a gone gateway returns at once: let the hang-up be seen
         await send({"type": "http.response.body", "body": b""})
 
-    async def firehose_watching(seen: Seen, receive: Any, send: Any) -> None:
-        await asyncio.gather(firehose(seen, receive, send), upstream.wait_for_disconnect(receive))
+    async def watching(seen: Seen, receive: Any, send: Any) -> None:
+        await asyncio.gather(stream(seen, receive, send), upstream.wait_for_disconnect(receive))
 
-    upstream.handler = firehose_watching
+    return watching
+
+
+def test_slow_client_holds_back_a_fast_stream(gw: str, upstream: Upstream) -> None:
+    sent = [0]
+    upstream.handler = firehose(upstream, sent)
     sock = raw_request(gw, b'{"model": "fake:m"}')
     assert sock.recv(100).startswith(b"HTTP/1.1 200")  # then the client stops reading
     held_back_at = settled(lambda: sent[0])
@@ -1791,6 +1798,23 @@ def test_slow_client_holds_back_a_fast_stream(gw: str, upstream: Upstream) -> No
     sock.close()
     assert upstream.disconnected.wait(2)
 
+
+def test_a_client_leaving_a_fast_stream_stops_its_relay_at_once(
+    gw: str, upstream: Upstream, access_log: Callable[[], list[str]]
+) -> None:
+    """A backend that writes faster than the gateway relays leaves the relay no wait unfinished;
+    a hang-up must still stop it, not let it stream on into the void until the backend notices."""
+    upstream.handler = firehose(upstream, [0])
+    for _ in range(3):
+        upstream.disconnected.clear()
+        with raw_request(gw, b'{"model": "fake:m"}') as sock:
+            received = 0
+            while received < 8 * MiB:
+                received += len(sock.recv(MiB))
+        assert upstream.disconnected.wait(5)
+    lines = eventually(lambda: len(access_log()) == 3 and access_log())
+    relayed = [int(re.search(r"bytes=(\d+)", line).group(1)) for line in lines]
+    assert max(relayed) < 16 * MiB, f"relayed {relayed} bytes for clients that read 8 MiB each"
 
 
 # ---------------------------------------------------------------------------------------------
