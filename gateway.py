@@ -856,7 +856,7 @@ def _what_to_check(exc: BaseException | None) -> str:
 
 
 async def cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> None:
-    """Bring `deadline` forward to now when the client goes away, so the upstream request is closed at once."""
+    """Make `deadline` due when the client goes away, so the upstream request is closed at once."""
     while (await receive())["type"] != "http.disconnect":
         pass
     deadline.reschedule(-1.0)  # in the past: due at once
@@ -866,9 +866,9 @@ async def cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> N
 async def cancelled_if_client_leaves(receive: Receive) -> AsyncIterator[asyncio.Timeout]:
     """A block cancelled as soon as the client disconnects; afterwards `expired()` tells whether it was.
 
-    A timeout whose deadline is the client's departure: it cancels the task outright. A cancel
-    scope that waits for the task to block on an unfinished wait never gets that chance while a
-    fast upstream keeps every wait short, and the relay would stream on into the void.
+    A timeout whose deadline is the client's departure, because asyncio then cancels the task at
+    once. anyio's cancel scope waits until the task blocks on a wait that is not over yet, which an
+    upstream writing faster than the relay never lets happen: the relay streamed on into the void.
     """
     deadline = asyncio.timeout(None)
     try:
