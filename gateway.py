@@ -1004,16 +1004,41 @@ async def _backend_models(request: Request, backend: Backend) -> list[dict[str, 
     url = backend.base_url + "/models"
     try:
         async with asyncio.timeout(settings.models_timeout):
-            response = await client.send(
-                httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
+            response, body = await fetch_models(
+                client, httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
             )
         response.raise_for_status()
-        models = JSON_DECODER.decode(response.content)["data"]
+        models = JSON_DECODER.decode(body)["data"]
         return [{**model, "id": f"{backend.name}:{model['id']}"} for model in models]
-    except (httpx.HTTPError, TimeoutError, ValueError, RecursionError, KeyError, TypeError) as exc:
-        reason = f"status {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError) else type(exc).__name__
+    except (httpx.HTTPError, TimeoutError, AnswerTooLarge, ValueError, RecursionError, KeyError, TypeError) as exc:
+        if isinstance(exc, httpx.HTTPStatusError):
+            reason = f"status {exc.response.status_code}"
+        else:
+            reason = str(exc) if isinstance(exc, AnswerTooLarge) else type(exc).__name__
         logger.warning("models of backend %s at %s left out: %s", backend.name, backend.safe_url, reason)
         return []
+
+
+MAX_MODELS_ANSWER = 16 * 1024 * 1024  # model lists run to kilobytes; this leaves room for the longest
+
+
+class AnswerTooLarge(Exception):
+    """A backend's answer to the gateway's own GET /models ran past MAX_MODELS_ANSWER."""
+
+
+async def fetch_models(client: httpx.AsyncClient, request: httpx.Request) -> tuple[httpx.Response, bytes]:
+    """A backend's answer to GET /models or /models/{model}, read whole but never past
+    MAX_MODELS_ANSWER: the gateway holds it in memory, and a broken backend may never end it."""
+    response = await client.send(request, stream=True)
+    try:
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_MODELS_ANSWER:
+                raise AnswerTooLarge(f"its answer is larger than {MAX_MODELS_ANSWER} bytes")
+        return response, bytes(body)
+    finally:
+        await response.aclose()
 
 
 def _listing_headers(request: Request, backend: Backend, settings: Settings) -> list[tuple[bytes, bytes]]:
@@ -1035,12 +1060,17 @@ async def retrieve_model(request: Request) -> Response:
     request.state.backend, request.state.model = backend.name, model
     url = httpx.URL(backend.base_url + "/models/" + quote(model, safe=""))
     try:
-        response = await unless_client_leaves(request, request.app.state.client.send(
-            httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
+        response, body = await unless_client_leaves(request, fetch_models(
+            request.app.state.client, httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
         ))
     except httpx.HTTPError as exc:
         raise upstream_failure(exc, backend, url) from None
-    body = response.content
+    except AnswerTooLarge as exc:
+        raise GatewayError(
+            502, f"backend '{backend.name}' at {public_url(str(url))} failed: {exc}; see the backend's log",
+            type="upstream_error", code="upstream_failed",
+            headers={"x-gateway-backend": backend.name},
+        ) from None
     if response.status_code == 200:
         body = _with_id_prefix(body, asked[: len(asked) - len(model)])
     headers = filter_headers(response.headers.raw, NOT_FORWARDED_DOWN | {b"content-length", b"content-encoding"})

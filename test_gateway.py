@@ -827,6 +827,25 @@ def test_retrieve_model_named_dot_or_dot_dot_is_refused_and_never_sent(upstream:
     assert upstream.requests == []
 
 
+def test_a_model_list_that_never_ends_is_left_out_and_its_request_closed(
+    upstream: Upstream, gateway_with: Callable
+) -> None:
+    sent = [0]
+    upstream.handler = firehose(upstream, sent, mib=128)
+    url = gateway_with(OLLAMA_BASE_URL=dead_url(), OPENAI_BASE_URL=dead_url(), MODELS_TIMEOUT="60")
+    response = httpx.get(url + "/v1/models", timeout=TIMEOUT)
+    assert response.json()["data"] == []
+    assert upstream.disconnected.wait(2) and sent[0] < 64 * MiB
+
+
+def test_a_model_whose_answer_never_ends_is_a_502_and_its_request_closed(upstream: Upstream, gw: str) -> None:
+    sent = [0]
+    upstream.handler = firehose(upstream, sent, mib=128)
+    response = httpx.get(gw + "/v1/models/fake:m", timeout=TIMEOUT)
+    assert response.status_code == 502 and "larger than" in error_of(response)["message"]
+    assert upstream.disconnected.wait(2) and sent[0] < 64 * MiB
+
+
 def test_retrieve_model_passes_upstream_404_through(upstream: Upstream, gw: str) -> None:
     body = b'{"error":{"message":"model \\"nope\\" not found","type":"api_error"}}'
     upstream.handler = answer(404, body, [("content-type", "application/json")])
@@ -1768,13 +1787,13 @@ def test_an_answer_before_the_whole_body_was_read_reaches_the_client(gateway_wit
     assert (response.status_code, response.content) == (401, b"nope")
 
 
-def firehose(upstream: Upstream, sent: list[int]) -> Callable[..., Awaitable[None]]:
-    """A handler that streams 1 MiB chunks as fast as the gateway takes them, until it hangs up."""
+def firehose(upstream: Upstream, sent: list[int], mib: int = 4096) -> Callable[..., Awaitable[None]]:
+    """A handler that streams `mib` 1 MiB chunks as fast as the gateway takes them, until it hangs up."""
     chunk = b"x" * MiB
 
     async def stream(seen: Seen, receive: Any, send: Any) -> None:
         await start(send, 200, [("content-type", "application/octet-stream")])
-        for _ in range(4096):  # 4 GiB, if nothing held it back
+        for _ in range(mib):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             sent[0] += len(chunk)
             if upstream.disconnected.is_set():
