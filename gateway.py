@@ -294,6 +294,10 @@ def invalid_path() -> GatewayError:
 TEXT_GENERATION_PATHS = frozenset({"/chat/completions", "/completions"})
 
 
+# The gateway routes by a model; what names none is the backend's business alone.
+WITHOUT_A_MODEL = "requests without a model (stored responses, files, batches) go to the backend directly"
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
     declared = request.headers.get("content-length")
@@ -324,7 +328,10 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     here). A name given twice keeps its last value, as with OpenAI and Ollama; the body is
     re-serialised, so the backend sees the one `model` the gateway routed by."""
     if not body:
-        raise GatewayError(400, "request body is empty; send a JSON object with Content-Type: application/json")
+        raise GatewayError(
+            400, f"request body is empty; send a JSON object with a 'model' and Content-Type: application/json "
+            f"({WITHOUT_A_MODEL})"
+        )
     try:
         payload = JSON_DECODER.decode(body)
     except ValueError as exc:  # msgspec.DecodeError, or UnicodeDecodeError for bytes that are not UTF-8
@@ -336,7 +343,9 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise GatewayError(400, "request body must be a JSON object, like {\"model\": ..., ...}")
     if not isinstance(payload.get("model"), str):
-        raise GatewayError(400, "request body needs a string 'model', like \"ollama:qwen2.5\"", param="model")
+        raise GatewayError(
+            400, f"request body needs a string 'model', like \"ollama:qwen2.5\" ({WITHOUT_A_MODEL})", param="model"
+        )
     return payload
 
 
@@ -376,6 +385,8 @@ NOT_FORWARDED_UP = HOP_BY_HOP | {
     b"host", b"content-length", b"content-type", b"via", b"cookie", b"authorization", b"x-api-key", b"api-key",
     b"expect",  # the body goes up whole, at once
 }
+# They name the account a key belongs to, so they go up only with the client's own key.
+NOT_FORWARDED_UP_WITHOUT_CLIENT_KEY = NOT_FORWARDED_UP | {b"openai-organization", b"openai-project"}
 # The gateway's server writes its own `Date` and `Server`, as nginx does in front of an upstream.
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"set-cookie", b"date", b"server"}
 # A relayed answer: the gateway says itself whether a proxy in front may buffer it; a 204 or 304
@@ -403,11 +414,12 @@ def filter_headers(headers: list[tuple[bytes, bytes]], dropped: frozenset[bytes]
 def upstream_headers(request: Request, backend: Backend, settings: Settings) -> list[tuple[bytes, bytes]]:
     """The client's end-to-end headers, the backend's credential, and this gateway's `Via` entry."""
     raw = request.scope["headers"]
-    headers = filter_headers(raw, NOT_FORWARDED_UP)
+    client_key = None if backend.api_key or settings.gateway_api_keys else request.headers.get("authorization")
+    headers = filter_headers(raw, NOT_FORWARDED_UP if client_key else NOT_FORWARDED_UP_WITHOUT_CLIENT_KEY)
     if backend.api_key:
         headers.append((b"authorization", b"Bearer " + backend.api_key.encode()))
-    elif not settings.gateway_api_keys and (client_auth := request.headers.get("authorization")):
-        headers.append((b"authorization", client_auth.encode("latin-1")))
+    elif client_key:
+        headers.append((b"authorization", client_key.encode("latin-1")))
     earlier = [value for name, value in raw if name == b"via"]
     headers.append((b"via", b", ".join([*earlier, settings.via])))
     return headers
@@ -937,7 +949,7 @@ def admit(request: Request) -> None:
     if any(_passed_through(value, settings.via) for name, value in request.scope["headers"] if name == b"via"):
         raise GatewayError(
             508, "request loop: this request already passed through this gateway; a backend URL points back at it",
-            type="server_error", code="loop_detected",
+            type="server_error", code="loop_detected", headers={"x-should-retry": "false"},  # else the SDK retries it
         )
 
 
@@ -967,6 +979,11 @@ async def proxy(request: Request) -> Response | Relay:
             "'model' of a JSON body; send those to the backend directly, or a JSON request with "
             "Content-Type: application/json",
         )
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise GatewayError(
+            415, "compressed request bodies (Content-Encoding) are not accepted; send the JSON uncompressed",
+            code="unsupported_content_encoding", headers={"accept-encoding": "identity"},
+        )
     payload = parse_payload(await read_body(request, settings.max_body_bytes))
     request.state.model = payload["model"]  # logged as sent, should routing refuse it
     backend, model = route_model(payload["model"], settings)
@@ -975,10 +992,15 @@ async def proxy(request: Request) -> Response | Relay:
     fill_defaults(payload, backend, path, settings)
     headers = upstream_headers(request, backend, settings)
     headers.append((b"content-type", b"application/json"))
-    query = request.scope["query_string"]
-    url = backend.base_url + path + ("?" + query.decode("latin-1") if query else "")
+    url = with_query(backend.base_url + path, request)
     upstream = httpx.Request("POST", parsed_url(url), headers=headers, content=serialize(payload))
     return Relay(request.app.state.client, upstream, backend)
+
+
+def with_query(url: str, request: Request) -> str:
+    """`url` with the client's query string as sent (`?api-version=...`)."""
+    query = request.scope["query_string"]
+    return url + "?" + query.decode("latin-1") if query else url
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1001,14 +1023,14 @@ async def list_models(request: Request) -> Response:
 async def _backend_models(request: Request, backend: Backend) -> list[dict[str, Any]]:
     settings: Settings = request.app.state.settings
     client: httpx.AsyncClient = request.app.state.client
-    url = backend.base_url + "/models"
+    url = with_query(backend.base_url + "/models", request)
     try:
         async with asyncio.timeout(settings.models_timeout):
             response, body = await fetch_models(
                 client, httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
             )
         response.raise_for_status()
-        models = JSON_DECODER.decode(body)["data"]
+        models = JSON_DECODER.decode(body)["data"] or []  # Ollama without models says null
         return [{**model, "id": f"{backend.name}:{model['id']}"} for model in models]
     except (httpx.HTTPError, TimeoutError, AnswerTooLarge, ValueError, RecursionError, KeyError, TypeError) as exc:
         if isinstance(exc, httpx.HTTPStatusError):
@@ -1058,7 +1080,7 @@ async def retrieve_model(request: Request) -> Response:
     if model in (".", ".."):  # as a path segment, it would name the directory above
         raise GatewayError(400, f"model {asked!r} names no model; send one, like {_choices(settings)}", param="model")
     request.state.backend, request.state.model = backend.name, model
-    url = httpx.URL(backend.base_url + "/models/" + quote(model, safe=""))
+    url = httpx.URL(with_query(backend.base_url + "/models/" + quote(model, safe=""), request))
     try:
         response, body = await unless_client_leaves(request, fetch_models(
             request.app.state.client, httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
@@ -1107,6 +1129,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
         message = f"no such endpoint: {request.method} {escape(request.url.path)}; the gateway serves /v1/..."
     else:
         message = f"method {request.method} is not allowed on {escape(request.url.path)}"
+        if request.url.path.startswith("/v1/"):
+            message += f"; the gateway routes POST requests by their 'model', and GET /v1/models: {WITHOUT_A_MODEL}"
     return GatewayError(exc.status_code, message, headers=exc.headers).response()
 
 

@@ -770,6 +770,15 @@ def test_sdk_models_list_merges_backends_with_prefixed_ids(upstream: Upstream, g
     assert ids == {"fake:qwen2.5:7b", "fake:llama3.2", "other:qwen2.5:7b", "other:llama3.2"}
 
 
+def test_a_backend_without_models_adds_none_and_no_warning(
+    upstream: Upstream, gateway_with: Callable, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream.handler = answer(200, b'{"object":"list","data":null}')  # Ollama with no model pulled
+    url = gateway_with(OLLAMA_BASE_URL=dead_url(), OPENAI_BASE_URL=dead_url())
+    assert httpx.get(url + "/v1/models", timeout=TIMEOUT).json()["data"] == []
+    assert not [r for r in caplog.records if "backend fake" in r.getMessage()]
+
+
 def test_models_list_leaves_out_a_backend_that_is_down(upstream: Upstream, gateway_with: Callable) -> None:
     upstream.handler = models_upstream(["m1"])
     url = gateway_with(OLLAMA_BASE_URL=dead_url(), OPENAI_BASE_URL=dead_url())
@@ -804,6 +813,15 @@ def test_retrieve_model_answers_with_the_prefix_the_client_used(upstream: Upstre
     model = sdk(gw).models.retrieve("fake:qwen2.5:7b")
     assert model.id == "fake:qwen2.5:7b"
     assert upstream.last.path == "/v1/models/qwen2.5%3A7b"
+
+
+def test_model_lookups_keep_the_clients_query_string(upstream: Upstream, gateway_with: Callable) -> None:
+    upstream.handler = models_upstream(["m"])
+    url = gateway_with(OLLAMA_BASE_URL=dead_url(), OPENAI_BASE_URL=dead_url())
+    httpx.get(url + "/v1/models?api-version=2024-10-21", timeout=TIMEOUT)
+    assert upstream.last.path == "/v1/models?api-version=2024-10-21"
+    httpx.get(url + "/v1/models/fake:m?api-version=2024-10-21", timeout=TIMEOUT)
+    assert upstream.last.path == "/v1/models/m?api-version=2024-10-21"
 
 
 def test_retrieve_model_url_encodes_the_upstream_model_as_last_segment(upstream: Upstream, gw: str) -> None:
@@ -869,6 +887,19 @@ def test_wrong_method_is_an_openai_shaped_405(gw: str) -> None:
     assert response.status_code == 405 and error_of(response)["type"] == "invalid_request_error"
 
 
+def test_sdk_calls_without_a_model_are_told_to_go_to_the_backend_directly(gw: str, upstream: Upstream) -> None:
+    client = sdk(gw)
+    calls = [
+        lambda: client.responses.retrieve("resp_1"),  # GET: 405
+        lambda: client.responses.cancel("resp_1"),  # POST without a body: 400
+        lambda: client.batches.create(completion_window="24h", endpoint="/v1/responses", input_file_id="file-1"),
+    ]
+    for call in calls:
+        with pytest.raises(openai.APIStatusError, match="without a model .* go to the backend directly"):
+            call()
+    assert upstream.requests == []
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Passthrough: the request
 # ---------------------------------------------------------------------------------------------
@@ -930,10 +961,10 @@ def test_without_defaults_set_nothing_is_added(upstream: Upstream, gw: str) -> N
 
 
 def test_end_to_end_request_headers_are_forwarded(upstream: Upstream, gw: str) -> None:
-    post(gw, headers={"OpenAI-Organization": "org-1", "x-request-id": "abc", "user-agent": "MyApp/1.0",
+    post(gw, headers={"OpenAI-Beta": "assistants=v2", "x-request-id": "abc", "user-agent": "MyApp/1.0",
                       "accept-encoding": "gzip"})
     seen = upstream.last
-    assert (seen.header("openai-organization"), seen.header("x-request-id")) == ("org-1", "abc")
+    assert (seen.header("openai-beta"), seen.header("x-request-id")) == ("assistants=v2", "abc")
     assert (seen.header("user-agent"), seen.header("accept-encoding")) == ("MyApp/1.0", "gzip")
 
 
@@ -968,6 +999,23 @@ def test_clients_key_is_not_forwarded_when_gateway_auth_is_on(upstream: Upstream
     url = gateway_with(GATEWAY_API_KEYS="gw-key")
     sdk(url, api_key="gw-key").chat.completions.create(model="fake:m", messages=[])
     assert upstream.last.header("authorization") is None
+
+
+ACCOUNT_HEADERS = {"OpenAI-Organization": "org-client", "OpenAI-Project": "proj_client"}
+
+
+def test_openai_organization_and_project_go_up_with_the_clients_own_key(upstream: Upstream, gw: str) -> None:
+    post(gw, headers={"authorization": "Bearer sk-own", **ACCOUNT_HEADERS})
+    assert upstream.last.header("openai-organization") == "org-client"
+    assert upstream.last.header("openai-project") == "proj_client"
+
+
+def test_openai_organization_and_project_never_go_up_with_the_backends_key(
+    upstream: Upstream, gateway_with: Callable
+) -> None:
+    url = gateway_with(FAKE_API_KEY="sk-backend")  # another account's org and project would get a 401
+    post(url, headers={"authorization": "Bearer sk-own", **ACCOUNT_HEADERS})
+    assert upstream.last.header("openai-organization") is None and upstream.last.header("openai-project") is None
 
 
 def test_via_entry_is_added_and_earlier_entries_kept(upstream: Upstream, gw: str) -> None:
@@ -1221,6 +1269,15 @@ def test_this_gateways_via_entry_with_a_comment_gets_508(gw: str, upstream: Upst
     assert response.status_code == 508 and upstream.requests == []
 
 
+def test_sdk_does_not_retry_a_loop(gw: str) -> None:
+    attempts = []
+    http = httpx.Client(event_hooks={"request": [attempts.append]}, timeout=TIMEOUT)
+    client = openai.OpenAI(base_url=gw + "/v1", api_key="sk", max_retries=2, http_client=http)
+    with pytest.raises(openai.APIStatusError, match="request loop"):
+        client.chat.completions.create(model="fake:m", messages=[], extra_headers={"via": "1.1 llm-gateway-test-gw"})
+    assert len(attempts) == 1
+
+
 @pytest.mark.parametrize("via", ["1.1 llm-gateway-test-gw2", "1.1 llm-gateway-test", "1.1 llm-gateway-test-gw-eu, 1.0 x"])
 def test_via_entries_of_gateways_with_similar_ids_are_no_loop(gw: str, via: str) -> None:
     assert post(gw, headers={"via": via}).status_code == 200
@@ -1419,6 +1476,16 @@ def test_bad_request_bodies_get_a_400_that_says_what_to_change(gw: str, upstream
     response = post(gw, json=None, content=body)
     assert response.status_code == 400 and says in error_of(response)["message"]
     assert error_of(response)["type"] == "invalid_request_error"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "zstd"])
+def test_a_compressed_request_body_gets_a_415_and_is_never_sent(gw: str, upstream: Upstream, encoding: str) -> None:
+    body = gzip.compress(b'{"model": "fake:m", "messages": []}')
+    response = post(gw, json=None, content=body, headers={"content-type": "application/json",
+                                                          "content-encoding": encoding})
+    assert response.status_code == 415 and "uncompressed" in error_of(response)["message"]
+    assert response.headers["accept-encoding"] == "identity"
     assert upstream.requests == []
 
 
