@@ -6,7 +6,7 @@ any backend named in `BACKENDS` the same way. The gateway rewrites the model nam
 defaults, and streams the upstream's answer back byte for byte, as soon as each chunk arrives.
 
 The file reads top to bottom: settings, errors, routing, the request going up, the upstream
-connection, the answer coming back, the app, the command line.
+connection, the answer coming back, the app, the client connection, the command line.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
@@ -44,6 +45,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger("llm_gateway")
 T = TypeVar("T")
@@ -298,21 +300,33 @@ TEXT_GENERATION_PATHS = frozenset({"/chat/completions", "/completions"})
 WITHOUT_A_MODEL = "requests without a model (stored responses, files, batches) go to the backend directly"
 
 
+CLIENT_TIMEOUT = 60.0  # seconds for a request head to arrive, and of silence within a body, as nginx
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes, and with
+    408 when it stops arriving (a client gone without a word: asleep, or off the network)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
+    loop = asyncio.get_running_loop()
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
+        async with asyncio.timeout(CLIENT_TIMEOUT) as silence:
+            async for chunk in request.stream():
+                silence.reschedule(loop.time() + CLIENT_TIMEOUT)
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
     except ClientDisconnect:
         request.state.outcome = "client disconnected"
         raise GatewayError(499, "the client went away before sending the whole body") from None
+    except TimeoutError:
+        raise GatewayError(
+            408, f"the request body stopped arriving: nothing came for {CLIENT_TIMEOUT:g} s; send it again",
+            headers={"connection": "close"},
+        ) from None
     return b"".join(chunks)
 
 
@@ -821,8 +835,8 @@ class UpstreamClient(httpx.AsyncClient):
         return self.no_cookies
 
 
-def upstream_failure(exc: httpx.HTTPError, backend: Backend, url: httpx.URL) -> GatewayError:
-    """The 502/504 for an upstream that could not be reached or did not answer in time."""
+def upstream_failure(exc: Exception, backend: Backend, url: httpx.URL) -> GatewayError:
+    """The 502/504 for an upstream that could not be reached, did not answer in time, or broke off."""
     where = f"backend '{backend.name}' at {public_url(str(url))}"
     headers = {"x-gateway-backend": backend.name}
     if isinstance(exc, httpx.PoolTimeout):
@@ -835,7 +849,17 @@ def upstream_failure(exc: httpx.HTTPError, backend: Backend, url: httpx.URL) -> 
             504, f"{where} did not answer in time ({type(exc).__name__}); check that it is up, or raise "
             "CONNECT_TIMEOUT / READ_TIMEOUT", type="upstream_error", code="upstream_timeout", headers=headers,
         )
+    if isinstance(exc, TimeoutError):  # a model lookup
+        return GatewayError(
+            504, f"{where} did not answer within MODELS_TIMEOUT; check that it is up, or raise MODELS_TIMEOUT",
+            type="upstream_error", code="upstream_timeout", headers=headers,
+        )
     reason = str(exc) or type(exc).__name__
+    if isinstance(exc, AnswerTooLarge):
+        return GatewayError(
+            502, f"{where} failed: {reason}; see the backend's log", type="upstream_error", code="upstream_failed",
+            headers=headers,
+        )
     if isinstance(exc, httpx.RemoteProtocolError):  # reached, but it broke off or spoke no HTTP
         return GatewayError(
             502, f"{where} failed before answering: {reason}; see the backend's log",
@@ -1025,10 +1049,10 @@ async def _backend_models(request: Request, backend: Backend) -> list[dict[str, 
     client: httpx.AsyncClient = request.app.state.client
     url = with_query(backend.base_url + "/models", request)
     try:
-        async with asyncio.timeout(settings.models_timeout):
-            response, body = await fetch_models(
-                client, httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
-            )
+        response, body = await fetch_models(
+            client, httpx.Request("GET", url, headers=_listing_headers(request, backend, settings)),
+            settings.models_timeout,
+        )
         response.raise_for_status()
         models = JSON_DECODER.decode(body)["data"] or []  # Ollama without models says null
         return [{**model, "id": f"{backend.name}:{model['id']}"} for model in models]
@@ -1048,19 +1072,23 @@ class AnswerTooLarge(Exception):
     """A backend's answer to the gateway's own GET /models ran past MAX_MODELS_ANSWER."""
 
 
-async def fetch_models(client: httpx.AsyncClient, request: httpx.Request) -> tuple[httpx.Response, bytes]:
-    """A backend's answer to GET /models or /models/{model}, read whole but never past
-    MAX_MODELS_ANSWER: the gateway holds it in memory, and a broken backend may never end it."""
-    response = await client.send(request, stream=True)
-    try:
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > MAX_MODELS_ANSWER:
-                raise AnswerTooLarge(f"its answer is larger than {MAX_MODELS_ANSWER} bytes")
-        return response, bytes(body)
-    finally:
-        await response.aclose()
+async def fetch_models(
+    client: httpx.AsyncClient, request: httpx.Request, timeout: float
+) -> tuple[httpx.Response, bytes]:
+    """A backend's answer to GET /models or /models/{model}, read whole within `timeout` seconds
+    and never past MAX_MODELS_ANSWER: the gateway holds it in memory, and a broken backend may
+    never end it."""
+    async with asyncio.timeout(timeout):
+        response = await client.send(request, stream=True)
+        try:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_MODELS_ANSWER:
+                    raise AnswerTooLarge(f"its answer is larger than {MAX_MODELS_ANSWER} bytes")
+            return response, bytes(body)
+        finally:
+            await response.aclose()
 
 
 def _listing_headers(request: Request, backend: Backend, settings: Settings) -> list[tuple[bytes, bytes]]:
@@ -1083,16 +1111,11 @@ async def retrieve_model(request: Request) -> Response:
     url = httpx.URL(with_query(backend.base_url + "/models/" + quote(model, safe=""), request))
     try:
         response, body = await unless_client_leaves(request, fetch_models(
-            request.app.state.client, httpx.Request("GET", url, headers=_listing_headers(request, backend, settings))
+            request.app.state.client, httpx.Request("GET", url, headers=_listing_headers(request, backend, settings)),
+            settings.models_timeout,
         ))
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, TimeoutError, AnswerTooLarge) as exc:
         raise upstream_failure(exc, backend, url) from None
-    except AnswerTooLarge as exc:
-        raise GatewayError(
-            502, f"backend '{backend.name}' at {public_url(str(url))} failed: {exc}; see the backend's log",
-            type="upstream_error", code="upstream_failed",
-            headers={"x-gateway-backend": backend.name},
-        ) from None
     if response.status_code == 200:
         body = _with_id_prefix(body, asked[: len(asked) - len(model)])
     headers = filter_headers(response.headers.raw, NOT_FORWARDED_DOWN | {b"content-length", b"content-encoding"})
@@ -1297,6 +1320,100 @@ app = create_app(SETTINGS)
 
 
 # ---------------------------------------------------------------------------------------------
+# The client connection: uvicorn's HTTP/1.1, with limits on the request head
+# ---------------------------------------------------------------------------------------------
+
+MAX_REQUEST_HEAD = 64 * 1024  # bytes of request line and headers: nginx allows 32 KiB, Node.js 16 KiB
+LINGER = 2.0  # seconds a refused client's bytes are still read and dropped, so that it sees the answer
+
+
+class ClientConnection(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with the two limits it lacks while a request head arrives.
+
+    httptools keeps every byte of a head until its end, and uvicorn's header list costs about 15
+    times the bytes sent: one client sending an endless head took the gateway past 2 GiB in
+    seconds. And only a kept-alive connection between requests has a timer: a client that
+    connected and sent nothing, or half a head, held its socket for good.
+    """
+
+    head_timer: asyncio.TimerHandle | None = None  # armed while a request head is due
+    in_head = False  # a head has begun and not ended
+    head_began = False  # in the read being parsed
+    head_bytes = 0  # of the unfinished head, from the reads after the one it began in
+    refused = False  # answered and closing: what the client still sends is dropped
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self.expect_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.cycle is None or self.cycle.response_complete:  # between requests: a head is due
+            self.expect_head()
+        self.head_began = False
+        super().data_received(data)
+        if self.in_head and not self.head_began:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_REQUEST_HEAD:
+                self.refuse(431, f"request head larger than {MAX_REQUEST_HEAD} bytes; send fewer or shorter headers")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.in_head = self.head_began = True
+        self.head_bytes = 0
+        self.expect_head()
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.stop_head_timer()
+        super().on_headers_complete()
+
+    def expect_head(self) -> None:
+        if self.head_timer is None:
+            self.head_timer = self.loop.call_later(CLIENT_TIMEOUT, self.head_overdue)
+
+    def stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_overdue(self) -> None:
+        self.head_timer = None
+        if self.in_head:
+            self.refuse(408, f"the request head did not arrive within {CLIENT_TIMEOUT:g} s")
+        else:  # nothing sent at all: closed as uvicorn closes an idle kept-alive connection
+            self.transport.close()
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer `status` in OpenAI's error shape and close the connection (unless an answer to an
+        earlier, pipelined request is under way: then it is only closed).
+
+        Closing a socket with unread bytes makes the kernel reset the connection, and the client
+        may lose the answer with it; so the bytes that still come are read and dropped for LINGER
+        seconds, as nginx does.
+        """
+        self.stop_head_timer()
+        if self.transport.is_closing() or self.refused:
+            return
+        self.refused = True
+        logger.info("request head refused: status=%d (%s)", status, message)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()
+            return
+        response = GatewayError(status, message, headers={"connection": "close"}).response()
+        head = b"".join(b"%s: %s\r\n" % header for header in response.raw_headers)
+        phrase = HTTPStatus(status).phrase.encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (status, phrase, head, response.body))
+        self.transport.write_eof()
+        self.loop.call_later(LINGER, self.transport.close)
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
 
@@ -1320,6 +1437,19 @@ def _cli_number(name: str, low: int, high: int) -> Callable[[str], int]:
     return number
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one, as Go programs do at start: each stream
+    holds two descriptors (client and backend), and many systems start processes with 1,024."""
+    try:
+        import resource  # Unix only
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # not here, or not allowed: the limit stays as it is
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python gateway.py` / `llm-gateway`: serve the gateway with uvicorn."""
     parser = argparse.ArgumentParser(
@@ -1341,8 +1471,10 @@ def main(argv: list[str] | None = None) -> None:
                 "backend %s at %s points at this gateway itself: its requests will loop (and get 508)",
                 backend.name, backend.safe_url,
             )
+    raise_open_files_limit()
     uvicorn.run(
         "gateway:app" if args.workers > 1 else app,
+        http="gateway:ClientConnection" if args.workers > 1 else ClientConnection,
         host=args.host, port=args.port, workers=args.workers,
         log_level=SETTINGS.log_level.lower(), access_log=False, proxy_headers=False,
         timeout_graceful_shutdown=SETTINGS.shutdown_timeout,

@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import re
+import resource
+import select
 import signal
 import socket
 import ssl
@@ -27,7 +29,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,11 +98,16 @@ def uvicorn_server(app: Any, sock: socket.socket | None = None, **config: Any) -
 
 
 @contextmanager
-def serve(app: Any, sock: socket.socket | None = None) -> Iterator[str]:
+def serve(app: Any, sock: socket.socket | None = None, **config: Any) -> Iterator[str]:
     """Serve an ASGI app on 127.0.0.1; yield its base URL."""
     sock = sock or bound_socket()
-    with uvicorn_server(app, sock):
+    with uvicorn_server(app, sock, **config):
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def serve_gateway(app: Any, sock: socket.socket | None = None) -> AbstractContextManager[str]:
+    """Serve a gateway app as `python gateway.py` does, with its own client connection protocol."""
+    return serve(app, sock, http=gateway.ClientConnection)
 
 
 Handler = Callable[["Seen", Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
@@ -387,7 +394,7 @@ def gateway_with(upstream: Upstream) -> Iterator[Callable[..., str]]:
             settings = Settings.from_env(
                 {"BACKENDS": f"fake={upstream.url}/v1", "DEFAULT_BACKEND": "fake", "GATEWAY_ID": "test-gw", **env}
             )
-            return stack.enter_context(serve(create_app(settings)))
+            return stack.enter_context(serve_gateway(create_app(settings)))
 
         yield start_gateway
 
@@ -496,6 +503,31 @@ def test_installed_llm_gateway_command_serves_the_gateway() -> None:
     command = [str(Path(sys.executable).parent / "llm-gateway"), "--port", str(port)]
     with running(command, port) as url:
         assert httpx.get(url + "/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_python_gateway_py_raises_its_open_files_limit_to_the_hard_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 256:
+        pytest.skip("the hard limit on open files leaves nothing to raise")
+    port = free_port()
+    started_low = (f"import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, (256, {hard})); "
+                   "runpy.run_path('gateway.py', run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", started_low, "--port", str(port)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def serving() -> bool:
+        with suppress(httpx.TransportError):
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        return False
+
+    try:
+        eventually(serving, timeout=20)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+    finally:
+        process.terminate()
+        process.wait(10)
+    [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    assert line.split()[3:5] == [str(hard), str(hard)]
 
 
 @pytest.mark.slow
@@ -864,6 +896,15 @@ def test_a_model_whose_answer_never_ends_is_a_502_and_its_request_closed(upstrea
     assert upstream.disconnected.wait(2) and sent[0] < 64 * MiB
 
 
+def test_retrieving_a_model_from_a_backend_that_does_not_answer_is_a_504_after_models_timeout(
+    gateway_with: Callable
+) -> None:
+    with silent_server() as silent:
+        url = gateway_with(OLLAMA_BASE_URL=silent, MODELS_TIMEOUT="0.5")
+        response = httpx.get(url + "/v1/models/ollama:m", timeout=TIMEOUT)
+    assert response.status_code == 504 and "MODELS_TIMEOUT" in error_of(response)["message"]
+
+
 def test_retrieve_model_passes_upstream_404_through(upstream: Upstream, gw: str) -> None:
     body = b'{"error":{"message":"model \\"nope\\" not found","type":"api_error"}}'
     upstream.handler = answer(404, body, [("content-type", "application/json")])
@@ -1194,7 +1235,7 @@ def test_gateway_key_in_x_api_key_is_accepted_beside_another_authorization(locke
 
 
 def test_a_gateway_key_beyond_ascii_is_accepted(upstream: Upstream) -> None:
-    with serve(create_app(settings(BACKENDS=f"fake={upstream.url}/v1", GATEWAY_API_KEYS="clé-1"))) as url:
+    with serve_gateway(create_app(settings(BACKENDS=f"fake={upstream.url}/v1", GATEWAY_API_KEYS="clé-1"))) as url:
         assert post(url, headers={"authorization": "Bearer clé-1".encode()}).status_code == 200
 
 
@@ -1246,6 +1287,76 @@ def test_chunked_body_within_the_limit_is_forwarded(gateway_with: Callable, upst
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. Safety: slow and endless clients
+# ---------------------------------------------------------------------------------------------
+
+HEAD_START = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+
+
+@pytest.fixture
+def client_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
+    """A CLIENT_TIMEOUT short enough to wait for."""
+    monkeypatch.setattr(gateway, "CLIENT_TIMEOUT", 0.5)
+    return 0.5
+
+
+def readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_an_endless_request_head_gets_a_431_and_the_gateway_stops_reading_it(gw: str) -> None:
+    lines = b"".join(b"x-header-%d: %s\r\n" % (i, b"v" * 100) for i in range(100))  # 11 KB
+    sent = 0
+    with connect_to(gw) as sock:
+        sock.sendall(HEAD_START)
+        while sent < 64 * MiB and not readable(sock):
+            sock.sendall(lines)
+            sent += len(lines)
+        answer_ = read_response(sock)
+    assert answer_.startswith(b"HTTP/1.1 431") and b"request head larger than" in answer_
+    assert sent < 16 * MiB, f"the gateway read {sent} bytes of one request head"
+
+
+def test_a_large_request_head_within_the_limit_is_served(gw: str, upstream: Upstream) -> None:
+    headers = {f"x-header-{i}": "v" * 100 for i in range(400)}  # 44 KB, in several reads
+    assert post(gw, headers=headers).status_code == 200
+    assert upstream.last.header("x-header-399") == "v" * 100
+
+
+def test_a_request_head_that_stops_arriving_gets_a_408(gw: str, client_timeout: float) -> None:
+    with connect_to(gw) as sock:
+        sock.sendall(HEAD_START + b"x-half: ")  # and nothing more
+        answer_ = read_response(sock)
+    assert answer_.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer_
+
+
+def test_a_connection_that_sends_nothing_is_closed(gw: str, client_timeout: float) -> None:
+    with connect_to(gw) as sock:
+        assert sock.recv(100) == b""  # closed by the gateway, without a word
+
+
+def test_a_request_body_that_stops_arriving_gets_a_408(gw: str, upstream: Upstream, client_timeout: float) -> None:
+    with connect_to(gw) as sock:
+        sock.sendall(HEAD_START + b"Content-Length: 100\r\n\r\n" + b'{"model": ')  # and nothing more
+        answer_ = read_response(sock)
+    assert answer_.startswith(b"HTTP/1.1 408") and b"stopped arriving" in answer_
+    assert upstream.requests == []
+
+
+def test_a_slow_request_body_that_keeps_coming_is_not_cut_off(gw: str, upstream: Upstream,
+                                                              client_timeout: float) -> None:
+    def pieces() -> Iterator[bytes]:
+        yield b'{"model": "fake:m", "pad": "'
+        for _ in range(10):  # 1 s in all, twice the silence allowed
+            time.sleep(client_timeout / 5)
+            yield b"x"
+        yield b'"}'
+
+    response = httpx.post(gw + "/v1/chat/completions", content=pieces(), timeout=TIMEOUT)
+    assert response.status_code == 200 and upstream.last.json() == {"model": "m", "pad": "x" * 10}
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. Safety: loops
 # ---------------------------------------------------------------------------------------------
 
@@ -1254,7 +1365,7 @@ def test_backend_pointing_back_at_the_gateway_gets_508() -> None:
     sock = bound_socket()
     myself = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     app = create_app(settings(BACKENDS=f"self={myself}", DEFAULT_BACKEND=""))
-    with serve(app, sock) as url:
+    with serve_gateway(app, sock) as url:
         response = post(url, json={"model": "self:m", "messages": []})
     assert response.status_code == 508 and error_of(response)["code"] == "loop_detected"
 
@@ -1285,9 +1396,9 @@ def test_via_entries_of_gateways_with_similar_ids_are_no_loop(gw: str, via: str)
 
 def test_chain_of_two_gateways_works(upstream: Upstream) -> None:
     inner_app = create_app(settings(BACKENDS=f"fake={upstream.url}/v1", GATEWAY_ID="inner"))
-    with serve(inner_app) as inner:
+    with serve_gateway(inner_app) as inner:
         outer_app = create_app(settings(BACKENDS=f"inner={inner}/v1", GATEWAY_ID="outer"))
-        with serve(outer_app) as outer:
+        with serve_gateway(outer_app) as outer:
             response = post(outer, json={"model": "inner:fake:m", "messages": []})
     assert response.status_code == 200 and upstream.last.json()["model"] == "m"
     assert upstream.last.header("via") == "1.1 llm-gateway-outer, 1.1 llm-gateway-inner"
@@ -1913,7 +2024,7 @@ def target() -> Iterator[str]:
     fake = Upstream()
     with serve(fake) as upstream_url:
         app = create_app(settings(BACKENDS=f"fake={upstream_url}/v1", DEFAULT_BACKEND="fake", MAX_BODY_BYTES="65536"))
-        with serve(app) as url:
+        with serve_gateway(app) as url:
             yield url
 
 
