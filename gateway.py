@@ -298,8 +298,6 @@ TEXT_GENERATION_PATHS = frozenset({"/chat/completions", "/completions"})
 
 # The gateway routes by a model; what names none is the backend's business alone.
 WITHOUT_A_MODEL = "requests without a model (stored responses, files, batches) go to the backend directly"
-
-
 CLIENT_TIMEOUT = 60.0  # seconds for a request head to arrive, and of silence within a body, as nginx
 
 
@@ -868,7 +866,7 @@ def upstream_failure(exc: Exception, backend: Backend, url: httpx.URL) -> Gatewa
             504, f"{where} did not answer in time ({type(exc).__name__}); check that it is up, or raise "
             "CONNECT_TIMEOUT / READ_TIMEOUT", type="upstream_error", code="upstream_timeout", headers=headers,
         )
-    if isinstance(exc, TimeoutError):  # a model lookup
+    if isinstance(exc, TimeoutError):  # asyncio's, not httpx's: a model lookup ran past MODELS_TIMEOUT
         return GatewayError(
             504, f"{where} did not answer within MODELS_TIMEOUT; check that it is up, or raise MODELS_TIMEOUT",
             type="upstream_error", code="upstream_timeout", headers=headers,
@@ -1406,7 +1404,7 @@ class ClientConnection(HttpToolsProtocol):
         self.head_timer = None
         if self.in_head:
             self.refuse(408, f"the request head did not arrive within {CLIENT_TIMEOUT:g} s")
-        else:  # nothing sent at all: closed as uvicorn closes an idle kept-alive connection
+        else:  # no request begun: closed as uvicorn closes an idle kept-alive connection
             self.transport.close()
 
     def refuse(self, status: int, message: str) -> None:
