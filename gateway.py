@@ -299,6 +299,7 @@ TEXT_GENERATION_PATHS = frozenset({"/chat/completions", "/completions"})
 # The gateway routes by a model; what names none is the backend's business alone.
 WITHOUT_A_MODEL = "requests without a model (stored responses, files, batches) go to the backend directly"
 CLIENT_TIMEOUT = 60.0  # seconds for a request head to arrive, and of silence within a body, as nginx
+BODY_OVERDUE = "body_overdue"  # in a request's state: its body stopped arriving (ClientConnection, below)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -317,32 +318,24 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def _read_pieces(request: Request, message: Message, limit: int) -> bytes:
-    """The rest of a body that comes in pieces, each within CLIENT_TIMEOUT of the one before.
-
-    The deadline moves at most once in a sixtieth of CLIENT_TIMEOUT (a second): moving a timer costs
-    microseconds, and a large body comes in dozens of pieces.
-    """
-    loop = asyncio.get_running_loop()
-    chunks, size, moved = [], 0, -CLIENT_TIMEOUT
-    try:
-        async with asyncio.timeout(None) as silence:
-            while message["type"] == "http.request":
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-                if (now := loop.time()) - moved > CLIENT_TIMEOUT / 60:
-                    silence.reschedule(now + CLIENT_TIMEOUT)
-                    moved = now
-                message = await request.receive()
-    except TimeoutError:
-        raise GatewayError(
-            408, f"the request body stopped arriving: nothing came for {CLIENT_TIMEOUT:g} s; send it again",
-            headers={"connection": "close"},
-        ) from None
+    """The rest of a body that comes in pieces. The client connection, which sees every read, wakes
+    the request with BODY_OVERDUE in its state once CLIENT_TIMEOUT passes without a piece."""
+    chunks, size = [], 0
+    state = request.scope["state"]
+    while message["type"] == "http.request":
+        if BODY_OVERDUE in state:
+            raise GatewayError(
+                408, f"the request body stopped arriving: nothing came for {CLIENT_TIMEOUT:g} s; send it again",
+                headers={"connection": "close"},
+            )
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+        message = await request.receive()
     request.state.outcome = "client disconnected"
     raise GatewayError(499, "the client went away before sending the whole body")
 
@@ -1345,67 +1338,93 @@ LINGER = 2.0  # seconds a refused client's bytes are still read and dropped, so 
 
 
 class ClientConnection(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with the two limits it lacks while a request head arrives.
+    """uvicorn's httptools protocol, with the limits it lacks while a request arrives.
 
     httptools keeps every byte of a head until its end, and uvicorn's header list costs about 15
     times the bytes sent: one client sending an endless head took the gateway past 2 GiB in
     seconds. And only a kept-alive connection between requests has a timer: a client that
-    connected and sent nothing, or half a head, held its socket for good.
+    connected and sent nothing, half a head, or a head and no body, held its socket for good.
+
+    One timer per connection, armed only while a request is due and not all there after a read:
+    the usual request comes whole in one read and never arms it. A body's silence is measured
+    from its last read when the timer goes off, and the app is told through the request's state,
+    so that its answer and log line say 408.
     """
 
-    head_timer: asyncio.TimerHandle | None = None  # armed while a head is due and not all there after a read
+    timer: asyncio.TimerHandle | None = None
     in_head = False  # a head has begun and not ended
-    head_began = False  # in the read being parsed
-    head_bytes = 0  # of the unfinished head, from the reads after the one it began in
+    head_bytes = 0  # of the head still arriving
+    body_heard = 0.0  # loop time of the last read while a body was arriving
     refused = False  # answered and closing: what the client still sends is dropped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        self.expect_head()
+        self.arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.stop_head_timer()
+        self.disarm()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
-        self.head_began = False
+        if self.waiting_for_head():  # these bytes begin a head or go on with one
+            end = data.find(b"\r\n\r\n")
+            self.head_bytes += len(data) if end < 0 else end + 4
+            if self.head_bytes > MAX_REQUEST_HEAD:
+                self.refuse(431, f"request head larger than {MAX_REQUEST_HEAD} bytes; send fewer, shorter headers")
+                return
+            if end >= 0:
+                self.head_bytes = 0
         super().data_received(data)
-        if self.in_head:
-            self.expect_head()
-            if not self.head_began:
-                self.head_bytes += len(data)
-                if self.head_bytes > MAX_REQUEST_HEAD:
-                    self.refuse(431, f"request head larger than {MAX_REQUEST_HEAD} bytes; send fewer, shorter headers")
-        elif self.cycle is None or self.cycle.response_complete:  # bytes, but no request yet (blank lines)
-            self.expect_head()
+        if self.waiting_for_head():
+            self.arm()
+        elif self.cycle.more_body and not self.cycle.response_started:  # a body still on its way
+            self.body_heard = self.loop.time()
+            self.arm()
+        else:
+            self.disarm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.in_head = self.head_began = True
-        self.head_bytes = 0
+        self.in_head = True
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.stop_head_timer()
         super().on_headers_complete()
 
-    def expect_head(self) -> None:
-        if self.head_timer is None:
-            self.head_timer = self.loop.call_later(CLIENT_TIMEOUT, self.head_overdue)
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refuses, in OpenAI's shape like every other error."""
+        self.refuse(400, "the request is not valid HTTP/1.1; check what the client sends")
 
-    def stop_head_timer(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+    def waiting_for_head(self) -> bool:
+        return self.in_head or self.cycle is None or self.cycle.response_complete
 
-    def head_overdue(self) -> None:
-        self.head_timer = None
+    def arm(self) -> None:
+        if self.timer is None:
+            self.timer = self.loop.call_later(CLIENT_TIMEOUT, self.overdue)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def overdue(self) -> None:
+        self.timer = None
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:  # closed, or a websocket now
+            return
         if self.in_head:
             self.refuse(408, f"the request head did not arrive within {CLIENT_TIMEOUT:g} s")
-        else:  # no request begun: closed as uvicorn closes an idle kept-alive connection
-            self.transport.close()
+        elif self.cycle is None or self.cycle.response_complete:  # no request begun
+            self.transport.close()  # as uvicorn closes an idle kept-alive connection
+        elif self.cycle.more_body and not self.cycle.response_started:
+            if self.flow.read_paused:  # the gateway stopped reading (a pipelined request waits): no silence
+                self.body_heard = self.loop.time()
+            if (left := self.body_heard + CLIENT_TIMEOUT - self.loop.time()) > 0:
+                self.timer = self.loop.call_later(left, self.overdue)
+            else:
+                self.cycle.scope["state"][BODY_OVERDUE] = True
+                self.cycle.message_event.set()  # the app's receive() returns, and read_body answers 408
 
     def refuse(self, status: int, message: str) -> None:
         """Answer `status` in OpenAI's error shape and close the connection (unless an answer to an
@@ -1415,7 +1434,7 @@ class ClientConnection(HttpToolsProtocol):
         may lose the answer with it; so the bytes that still come are read and dropped for LINGER
         seconds, as nginx does.
         """
-        self.stop_head_timer()
+        self.disarm()
         if self.transport.is_closing() or self.refused:
             return
         self.refused = True
@@ -1427,7 +1446,8 @@ class ClientConnection(HttpToolsProtocol):
         head = b"".join(b"%s: %s\r\n" % header for header in response.raw_headers)
         phrase = HTTPStatus(status).phrase.encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (status, phrase, head, response.body))
-        self.transport.write_eof()
+        if self.transport.can_write_eof():  # not over TLS
+            self.transport.write_eof()
         self.loop.call_later(LINGER, self.transport.close)
 
 

@@ -1317,6 +1317,14 @@ def test_an_endless_request_head_gets_a_431_and_the_gateway_stops_reading_it(gw:
     assert sent < 16 * MiB, f"the gateway read {sent} bytes of one request head"
 
 
+def test_a_whole_request_head_over_the_limit_in_one_write_gets_a_431(gw: str, upstream: Upstream) -> None:
+    lines = b"".join(b"x-header-%d: %s\r\n" % (i, b"v" * 100) for i in range(1000))  # 110 KB
+    with connect_to(gw) as sock:
+        sock.sendall(HEAD_START + lines + b"Content-Length: 2\r\n\r\n{}")
+        answer_ = read_response(sock)
+    assert answer_.startswith(b"HTTP/1.1 431") and upstream.requests == []
+
+
 def test_a_large_request_head_within_the_limit_is_served(gw: str, upstream: Upstream) -> None:
     headers = {f"x-header-{i}": "v" * 100 for i in range(400)}  # 44 KB, in several reads
     assert post(gw, headers=headers).status_code == 200
@@ -1330,9 +1338,28 @@ def test_a_request_head_that_stops_arriving_gets_a_408(gw: str, client_timeout: 
     assert answer_.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer_
 
 
+def test_bytes_that_are_not_http_get_an_openai_shaped_400(gw: str) -> None:
+    with connect_to(gw) as sock:
+        sock.sendall(b"HELLO THERE\r\n\r\n")
+        answer_ = read_response(sock)
+    head, _, body = answer_.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+
+
 def test_a_connection_that_sends_nothing_is_closed(gw: str, client_timeout: float) -> None:
     with connect_to(gw) as sock:
         assert sock.recv(100) == b""  # closed by the gateway, without a word
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 100\r\n", b"Transfer-Encoding: chunked\r\n",
+                                     b"Content-Length: 100\r\nExpect: 100-continue\r\n"])
+def test_a_request_body_that_never_starts_gets_a_408(gw: str, upstream: Upstream, client_timeout: float,
+                                                     framing: bytes) -> None:
+    with connect_to(gw) as sock:
+        sock.sendall(HEAD_START + framing + b"\r\n")  # and no body
+        answer_ = read_response(sock)
+    assert b"HTTP/1.1 408" in answer_ and b"stopped arriving" in answer_
+    assert upstream.requests == []
 
 
 def test_a_request_body_that_stops_arriving_gets_a_408(gw: str, upstream: Upstream, client_timeout: float) -> None:
