@@ -710,7 +710,8 @@ def test_an_ollama_url_is_refused_as_written_not_as_completed_with_v1() -> None:
 
 def test_a_setting_to_fix_stops_python_gateway_py_with_its_message_alone() -> None:
     env = dict(os.environ, OLLAMA_BASE_URL="localhost:11434")
-    done = subprocess.run([sys.executable, "gateway.py"], env=env, capture_output=True, text=True, timeout=30)
+    done = subprocess.run([sys.executable, "gateway.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=30)
     assert done.returncode == 1
     assert done.stderr.startswith("llm-gateway: backend 'ollama' needs an http:// or https:// URL")
     assert "Traceback" not in done.stderr
