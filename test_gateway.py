@@ -515,6 +515,7 @@ def test_python_gateway_py_raises_its_open_files_limit_to_the_hard_limit() -> No
                    "runpy.run_path('gateway.py', run_name='__main__')")
     process = subprocess.Popen([sys.executable, "-c", started_low, "--port", str(port)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def serving() -> bool:
         with suppress(httpx.TransportError):
             return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
