@@ -304,25 +304,14 @@ BODY_OVERDUE = "body_overdue"  # in a request's state: its body stopped arriving
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit` bytes, and with
-    408 when it stops arriving (a client gone without a word: asleep, or off the network)."""
+    408 when it stops arriving: the client connection, which sees every read, wakes the request
+    with BODY_OVERDUE in its state once CLIENT_TIMEOUT passes without a piece."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
-    message = await request.receive()
-    if message["type"] == "http.request" and not message.get("more_body", False):  # most bodies: whole, at once
-        body = message.get("body", b"")
-        if len(body) > limit:
-            raise _too_large(limit)
-        return body
-    return await _read_pieces(request, message, limit)
-
-
-async def _read_pieces(request: Request, message: Message, limit: int) -> bytes:
-    """The rest of a body that comes in pieces. The client connection, which sees every read, wakes
-    the request with BODY_OVERDUE in its state once CLIENT_TIMEOUT passes without a piece."""
     chunks, size = [], 0
     state = request.scope["state"]
-    while message["type"] == "http.request":
+    while (message := await request.receive())["type"] == "http.request":
         if BODY_OVERDUE in state:
             raise GatewayError(
                 408, f"the request body stopped arriving: nothing came for {CLIENT_TIMEOUT:g} s; send it again",
@@ -335,7 +324,6 @@ async def _read_pieces(request: Request, message: Message, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-        message = await request.receive()
     request.state.outcome = "client disconnected"
     raise GatewayError(499, "the client went away before sending the whole body")
 
@@ -1055,14 +1043,9 @@ async def list_models(request: Request) -> Response:
 
 
 async def _backend_models(request: Request, backend: Backend) -> list[dict[str, Any]]:
-    settings: Settings = request.app.state.settings
-    client: httpx.AsyncClient = request.app.state.client
     url = with_query(backend.base_url + "/models", request)
     try:
-        response, body = await fetch_models(
-            client, httpx.Request("GET", url, headers=_listing_headers(request, backend, settings)),
-            settings.models_timeout,
-        )
+        response, body = await fetch_models(request, backend, url)
         response.raise_for_status()
         models = JSON_DECODER.decode(body)["data"] or []  # Ollama without models says null
         return [{**model, "id": f"{backend.name}:{model['id']}"} for model in models]
@@ -1082,14 +1065,16 @@ class AnswerTooLarge(Exception):
     """A backend's answer to the gateway's own GET /models ran past MAX_MODELS_ANSWER."""
 
 
-async def fetch_models(
-    client: httpx.AsyncClient, request: httpx.Request, timeout: float
-) -> tuple[httpx.Response, bytes]:
-    """A backend's answer to GET /models or /models/{model}, read whole within `timeout` seconds
-    and never past MAX_MODELS_ANSWER: the gateway holds it in memory, and a broken backend may
-    never end it."""
-    async with asyncio.timeout(timeout):
-        response = await client.send(request, stream=True)
+async def fetch_models(request: Request, backend: Backend, url: str | httpx.URL) -> tuple[httpx.Response, bytes]:
+    """A backend's answer to the gateway's own GET of `url` (/models or /models/{model}), read whole
+    within MODELS_TIMEOUT and never past MAX_MODELS_ANSWER: the gateway holds it in memory, and a
+    broken backend may never end it. It reads and decodes the answer itself: no `Accept-Encoding`
+    of the client's goes up."""
+    settings: Settings = request.app.state.settings
+    client: httpx.AsyncClient = request.app.state.client
+    headers = [(n, v) for n, v in upstream_headers(request, backend, settings) if n != b"accept-encoding"]
+    async with asyncio.timeout(settings.models_timeout):
+        response = await client.send(httpx.Request("GET", url, headers=headers), stream=True)
         try:
             body = bytearray()
             async for chunk in response.aiter_bytes():
@@ -1099,11 +1084,6 @@ async def fetch_models(
             return response, bytes(body)
         finally:
             await response.aclose()
-
-
-def _listing_headers(request: Request, backend: Backend, settings: Settings) -> list[tuple[bytes, bytes]]:
-    """Upstream headers for the gateway's own GETs: it reads and decodes the answer itself."""
-    return [(n, v) for n, v in upstream_headers(request, backend, settings) if n != b"accept-encoding"]
 
 
 async def retrieve_model(request: Request) -> Response:
@@ -1120,10 +1100,7 @@ async def retrieve_model(request: Request) -> Response:
     request.state.backend, request.state.model = backend.name, model
     url = httpx.URL(with_query(backend.base_url + "/models/" + quote(model, safe=""), request))
     try:
-        response, body = await unless_client_leaves(request, fetch_models(
-            request.app.state.client, httpx.Request("GET", url, headers=_listing_headers(request, backend, settings)),
-            settings.models_timeout,
-        ))
+        response, body = await unless_client_leaves(request, fetch_models(request, backend, url))
     except (httpx.HTTPError, TimeoutError, AnswerTooLarge) as exc:
         raise upstream_failure(exc, backend, url) from None
     if response.status_code == 200:
