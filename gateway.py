@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import enum
 import functools
 import gc
 import hmac
@@ -24,6 +25,7 @@ import secrets
 import ssl
 import sys
 import time
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import httptools
 import httpx
@@ -45,7 +47,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 logger = logging.getLogger("llm_gateway")
 T = TypeVar("T")
@@ -299,24 +302,21 @@ TEXT_GENERATION_PATHS = frozenset({"/chat/completions", "/completions"})
 # The gateway routes by a model; what names none is the backend's business alone.
 WITHOUT_A_MODEL = "requests without a model (stored responses, files, batches) go to the backend directly"
 CLIENT_TIMEOUT = 60.0  # seconds for a request head to arrive, and of silence within a body, as nginx
-BODY_OVERDUE = "body_overdue"  # in a request's state: its body stopped arriving (ClientConnection, below)
+BODY_FAILED = "body_failed"  # in a request's state: why its body cannot be read (ClientConnection, below)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes, and with
-    408 when it stops arriving: the client connection, which sees every read, wakes the request
-    with BODY_OVERDUE in its state once CLIENT_TIMEOUT passes without a piece."""
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes. The client
+    connection, which sees every read, wakes the request with an error in its state (BODY_FAILED)
+    when the body stops arriving for CLIENT_TIMEOUT (408) or its framing is broken (400)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
     state = request.scope["state"]
     while (message := await request.receive())["type"] == "http.request":
-        if BODY_OVERDUE in state:
-            raise GatewayError(
-                408, f"the request body stopped arriving: nothing came for {CLIENT_TIMEOUT:g} s; send it again",
-                headers={"connection": "close"},
-            )
+        if BODY_FAILED in state:
+            raise state[BODY_FAILED]
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -348,7 +348,8 @@ def parse_payload(body: bytes) -> dict[str, Any]:
         payload = JSON_DECODER.decode(body)
     except ValueError as exc:  # msgspec.DecodeError, or UnicodeDecodeError for bytes that are not UTF-8
         raise GatewayError(
-            400, f"request body is not valid JSON ({exc}); send a JSON object with Content-Type: application/json"
+            400, f"request body is not valid JSON ({_why_not_json(body, exc)}); send a JSON object with "
+            "Content-Type: application/json"
         ) from None
     except RecursionError:
         raise too_deep() from None
@@ -359,6 +360,20 @@ def parse_payload(body: bytes) -> dict[str, Any]:
             400, f"request body needs a string 'model', like \"ollama:qwen2.5\" ({WITHOUT_A_MODEL})", param="model"
         )
     return payload
+
+
+_LONE_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+
+
+def _why_not_json(body: bytes, exc: ValueError) -> str:
+    """The parser's reason, but for a string cut inside a UTF-16 surrogate pair (a JavaScript
+    client cutting a string inside an emoji): the parser calls that a truncated input."""
+    if "truncated" in str(exc) and (lone := _LONE_HIGH_SURROGATE.search(body)):
+        return (
+            f"a string holds {lone.group().decode()} without the low surrogate that must follow it (byte "
+            f"{lone.start()}); send whole characters"
+        )
+    return str(exc)
 
 
 def serialize(payload: dict[str, Any]) -> bytes:
@@ -442,7 +457,20 @@ def upstream_headers(request: Request, backend: Backend, settings: Settings) -> 
 # ---------------------------------------------------------------------------------------------
 
 HIGH_WATER = 256 * 1024  # body bytes held for a slow client before reading from the upstream pauses
-MAX_RESPONSE_HEAD = 100 * 1024  # bytes of status line and headers, as httpx's own transport allows
+MAX_RESPONSE_HEAD = 100 * 1024  # bytes of status line and header fields (and of trailers), as httpx allows
+MAX_RESPONSE_FIELDS = 256  # header fields in a response head, and trailer fields after its body
+
+
+class Phase(enum.Enum):
+    """Where an upstream connection stands. Whether it may carry another request is decided by its
+    phase alone (`UpstreamConnection.reusable`)."""
+
+    IDLE = "idle"  # in the pool, or new: no request on it
+    SENDING = "sending"  # a request went out; its response head has not come back
+    RECEIVING = "receiving"  # the response head came; its body is arriving
+    PAUSED = "paused"  # receiving, but not reading: the client is behind by HIGH_WATER bytes
+    DONE = "done"  # the response ended, reading resumed
+    BROKEN = "broken"  # lost, malformed, timed out or talking out of turn: closed, never reused
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -452,15 +480,16 @@ class UpstreamConnection(asyncio.Protocol):
     and reading from the socket pauses while that buffer is full, so a slow client slows the
     backend down instead of filling the gateway's memory. One watchdog timer per connection,
     not one per chunk, enforces the read timeout: the longest silence while the gateway waits.
+    What httptools holds while a head or a trailer arrives is bounded: the bytes of an unfinished
+    head, or read without the parser making progress, may not pass MAX_RESPONSE_HEAD.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> None:
         self.loop, self.key = loop, key
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.lost = False
-        self.busy = False
-        self.paused = False
+        self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)  # `6 ;x=1`: RFC 9112 7.1.1
+        self.phase = Phase.IDLE
         self.writable: asyncio.Future[None] | None = None
         self.watchdog: asyncio.TimerHandle | None = None
         self.heard = 0.0  # when the upstream last sent something, or the gateway began to wait
@@ -471,15 +500,26 @@ class UpstreamConnection(asyncio.Protocol):
         """Get ready for the next request on this connection."""
         self.head: asyncio.Future[None] = self.loop.create_future()
         self.headers: list[tuple[bytes, bytes]] = []
+        self.field_bytes = 0  # of the head, then of the trailers
+        self.fields = 0
         self.framed = False  # Content-Length or chunked; otherwise the body ends with the connection
         self.chunks: list[bytes] = []
         self.buffered = 0
-        self.complete = False
         self.keep_alive = False
         self.received_any = False
-        self.head_bytes = 0  # read while the head was still incomplete
+        self.progressed = False  # the parser handed over a piece of the response in the current read
+        self.held = 0  # bytes httptools may be holding: of an unfinished head, or read since it last did
         self.error: Exception | None = None
         self.waiter: asyncio.Future[None] | None = None
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the connection may carry another request: its response ended, both ends keep it
+        alive, and the whole request went out (an upstream may answer before reading all of it)."""
+        return (
+            self.phase is Phase.DONE and self.keep_alive and self.transport is not None
+            and self.transport.get_write_buffer_size() == 0
+        )
 
     # asyncio.Protocol
 
@@ -487,32 +527,32 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if not self.busy:  # nothing was asked: an upstream that talks out of turn is not reused
-            self.close()
+        if self.phase not in (Phase.SENDING, Phase.RECEIVING, Phase.PAUSED):  # nothing was asked
+            self.break_off(httpx.RemoteProtocolError("the upstream sent bytes nobody asked for"))
             return
         self.received_any = True
         self.heard = self.loop.time()
+        self.progressed = False
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # no protocol switch either
             cause = exc.__context__ or exc  # a callback's own error, when one of them raised it
             reason = str(cause) or type(cause).__name__
-            self.fail(httpx.RemoteProtocolError(f"malformed response from the upstream: {reason}"))
-            self.close()
+            self.break_off(httpx.RemoteProtocolError(f"malformed response from the upstream: {reason}"))
             return
         if not self.head.done():
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_RESPONSE_HEAD:
-                self.fail(httpx.RemoteProtocolError(f"the upstream's response head is over {MAX_RESPONSE_HEAD} bytes"))
-                self.close()
+            self.held += len(data)
+        else:
+            self.held = 0 if self.progressed else self.held + len(data)
+        if self.held > MAX_RESPONSE_HEAD:  # a head that does not end, or one endless trailer field
+            part = "trailers are" if self.head.done() else "head is"
+            self.break_off(httpx.RemoteProtocolError(f"the upstream's response {part} over {MAX_RESPONSE_HEAD} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
         self.disarm()
-        if exc is None and self.head.done() and not self.framed and not self.complete and self.error is None:
+        if self.phase in (Phase.RECEIVING, Phase.PAUSED) and exc is None and not self.framed:
             self.on_message_complete()  # a body without length or chunks ends when the upstream closes
-        else:
-            self.fail(httpx.RemoteProtocolError("the upstream closed the connection before its response ended"))
+        self.break_off(httpx.RemoteProtocolError("the upstream closed the connection before its response ended"))
         self.resume_writing()
 
     def pause_writing(self) -> None:
@@ -526,10 +566,14 @@ class UpstreamConnection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        if self.complete:  # a second response, never asked for: it stops here, with its connection
+        if self.phase is Phase.DONE:  # a second response, never asked for: it stops here, with its connection
             raise httptools.HttpParserError("a response the gateway did not ask for")
 
+    def on_status(self, status: bytes) -> None:
+        self.count_field(status)
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.count_field(name + value)
         if self.head.done():  # a trailer field after a chunked body: not a header of the response
             return
         self.headers.append((name, value))
@@ -537,36 +581,57 @@ class UpstreamConnection(asyncio.Protocol):
         if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
             self.framed = True
 
+    def count_field(self, field: bytes) -> None:
+        self.progressed = True
+        self.fields += 1
+        self.field_bytes += len(field) + 4
+        if self.field_bytes > MAX_RESPONSE_HEAD or self.fields > MAX_RESPONSE_FIELDS:
+            part = "trailers" if self.head.done() else "head"
+            raise httptools.HttpParserError(
+                f"its response {part} has over {MAX_RESPONSE_FIELDS} fields or {MAX_RESPONSE_HEAD} bytes"
+            )
+
     def on_headers_complete(self) -> None:
-        if not 100 <= self.parser.get_status_code() <= 599:
-            raise httptools.HttpParserError(f"status {self.parser.get_status_code()} is not an HTTP status")
-        if self.parser.get_status_code() < 200:  # 100 Continue and the like: the real head follows
+        status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise httptools.HttpParserError(f"status {status} is not an HTTP status")
+        self.field_bytes = self.fields = 0  # a 1xx head's fields, or the final head's: what follows counts anew
+        if status < 200:  # 100 Continue and the like: the real head follows
             self.headers, self.framed = [], False
-        else:
-            self.keep_alive = self.parser.should_keep_alive()  # only known while the head is fresh
-            if not self.head.done():
-                self.head.set_result(None)
+            return
+        self.keep_alive = self.parser.should_keep_alive()  # only known while the head is fresh
+        self.phase = Phase.RECEIVING
+        self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        self.progressed = True
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > HIGH_WATER and self.transport and not self.paused:
+        if self.buffered > HIGH_WATER and self.phase is Phase.RECEIVING and self.transport:
             self.transport.pause_reading()
-            self.paused = True
+            self.phase = Phase.PAUSED
         self.wake()
 
+    def on_chunk_header(self) -> None:
+        self.progressed = True
+
+    on_chunk_complete = on_chunk_header
+
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() >= 200:
-            self.complete = True
-            self.disarm()
-            self.wake()
+        if self.parser.get_status_code() < 200:
+            return
+        if self.phase is Phase.PAUSED and self.transport:  # whatever comes now is out of turn, and must be seen
+            self.transport.resume_reading()
+        self.phase = Phase.DONE
+        self.disarm()
+        self.wake()
 
     # What the transport asks of a connection
 
     async def exchange(self, head: bytes, body: bytes, timeouts: Mapping[str, float | None]) -> None:
         """Send a request and wait for the head of its response."""
-        assert self.transport
-        self.busy = True
+        assert self.transport and self.phase is Phase.IDLE
+        self.phase = Phase.SENDING
         if len(body) > 65536:
             self.transport.write(head)  # no copy of a large body just to glue the head on
             self.transport.write(body)
@@ -578,17 +643,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def next_chunk(self, timeout: float | None) -> bytes | None:
         """The body bytes that have arrived, waiting for some; None at the end of the body."""
-        if not self.chunks and not self.complete and self.error is None:
+        if not self.chunks and self.phase in (Phase.RECEIVING, Phase.PAUSED):
             self.waiter = self.loop.create_future()
             await self.wait(self.waiter, timeout)
         if self.chunks:
             chunk = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
             self.chunks, self.buffered = [], 0
-            if self.paused and self.transport and not self.lost:
+            if self.phase is Phase.PAUSED and self.transport:
                 self.transport.resume_reading()
-                self.paused = False
+                self.phase = Phase.RECEIVING
             return chunk
-        if self.error is not None and not self.complete:  # a body that ended as the watchdog fired is whole
+        if self.error is not None:
             raise self.error
         return None
 
@@ -605,7 +670,7 @@ class UpstreamConnection(asyncio.Protocol):
         waiting = not self.head.done() or (self.waiter is not None and not self.waiter.done())
         if waiting and silent_for >= timeout:
             self.watchdog = None
-            self.fail(httpx.ReadTimeout(
+            self.break_off(httpx.ReadTimeout(
                 "the upstream went silent mid-response" if self.head.done() else "the upstream did not answer in time"
             ))
             return
@@ -615,7 +680,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def drained(self, timeout: float | None) -> None:
         """Wait until the upstream has taken the request body or answered early (a 413, a 401, ...),
-        at most `timeout` seconds. A connection whose request was not all sent is not reused."""
+        at most `timeout` seconds."""
         assert self.writable
         writable = self.writable  # resume_writing() lets go of it once drained
         await asyncio.wait((writable, self.head), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -627,12 +692,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.watchdog.cancel()
             self.watchdog = None
 
-    def fail(self, error: Exception) -> None:
-        if self.error is None and not self.complete:
+    def break_off(self, error: Exception) -> None:
+        """The connection is done for: close it, and fail the request on it unless its response ended."""
+        if self.phase in (Phase.SENDING, Phase.RECEIVING, Phase.PAUSED):
             self.error = error
             if not self.head.done():
                 self.head.set_exception(error)
                 self.head.exception()  # marked as seen: nobody may be waiting for an idle connection's head
+        self.close()
         self.wake()
 
     def wake(self) -> None:
@@ -640,13 +707,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.waiter.set_result(None)
 
     def close(self) -> None:
+        self.phase = Phase.BROKEN
         self.disarm()
         if self.transport:
             self.transport.close()
-
-    @property
-    def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.lost and self.writable is None
 
 
 class UpstreamBody(httpx.AsyncByteStream):
@@ -667,7 +731,8 @@ class UpstreamBody(httpx.AsyncByteStream):
 
 
 STALE_WINDOW = 0.1  # seconds: how soon a pooled connection the upstream was closing fails a request
-KEEPALIVE_EXPIRY = 5.0  # seconds an idle upstream connection is kept, as httpx does
+KEEPALIVE_EXPIRY = 2.0  # seconds an idle upstream connection is kept: well within uvicorn's 5 s, llama.cpp's 5 s
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class Http11Transport(httpx.AsyncBaseTransport):
@@ -675,13 +740,15 @@ class Http11Transport(httpx.AsyncBaseTransport):
 
     httpx's own connection pool costs several times more CPU per request, growing with the number
     of connections; this one keeps idle connections per host in a list and admits
-    `max_connections` requests at once. A request that meets a pooled connection the upstream was
-    closing as it came (lost within `STALE_WINDOW`, before a byte of answer) is sent once more on a
-    fresh connection, so an upstream that drops idle keep-alive connections or restarts never shows
-    up as an error. A connection lost later may have carried the request into work on the backend;
-    that one is not sent twice, and the client gets the 502. A connection idle for longer than
-    `keepalive_expiry` is not used again: a firewall or NAT on the way may have forgotten it, and a
-    request sent into it would wait for READ_TIMEOUT.
+    `max_connections` requests at once.
+
+    A request is never sent twice when the backend may have read it: an LLM request sent twice is
+    paid twice. Only an idempotent one (a GET, or a request with `Idempotency-Key`) that meets a
+    pooled connection the upstream was closing as it came (lost within `STALE_WINDOW`, before a
+    byte of answer) is sent once more on a fresh connection. The race is avoided where it starts
+    instead: servers built on uvicorn or cpp-httplib close idle connections after 5 s, and an idle
+    connection is kept for less (`KEEPALIVE_EXPIRY`), which also keeps off connections a firewall
+    or NAT on the way may have forgotten.
     """
 
     def __init__(self, max_connections: int, keepalive_expiry: float) -> None:
@@ -725,6 +792,11 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 connection.close()
                 if connection.received_any or connection.loop.time() - sent > STALE_WINDOW:
                     raise
+                if not _may_send_again(request):
+                    raise httpx.RemoteProtocolError(
+                        "the upstream closed a kept-alive connection as the request went out, and it was not sent "
+                        "again: the backend may have begun on it (a request with Idempotency-Key is sent again)"
+                    ) from None
             except BaseException:
                 connection.close()
                 raise
@@ -742,11 +814,11 @@ class Http11Transport(httpx.AsyncBaseTransport):
         if not idle:
             return None
         expired = idle[0].loop.time() - self.keepalive_expiry
-        while idle and (idle[0].lost or idle[0].idle_since < expired):
+        while idle and (idle[0].phase is not Phase.IDLE or idle[0].idle_since < expired):
             idle.popleft().close()
         while idle:
             connection = idle.pop()
-            if not connection.lost:
+            if connection.phase is Phase.IDLE:
                 return connection
         return None
 
@@ -765,9 +837,9 @@ class Http11Transport(httpx.AsyncBaseTransport):
     def release(self, connection: UpstreamConnection) -> None:
         """Called once per request when its body is closed, read to the end or not."""
         self.slots.release()
-        connection.busy = False
         if connection.reusable:
             connection.reset()
+            connection.phase = Phase.IDLE
             connection.idle_since = connection.loop.time()
             self.idle.setdefault(connection.key, deque()).append(connection)
         else:
@@ -780,8 +852,13 @@ class Http11Transport(httpx.AsyncBaseTransport):
         self.idle.clear()
 
 
+def _may_send_again(request: httpx.Request) -> bool:
+    return request.method in IDEMPOTENT_METHODS or "idempotency-key" in request.headers
+
+
 def _request_head(request: httpx.Request) -> bytes:
-    lines = [request.method.encode(), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    target = request.extensions.get("target", request.url.raw_path)
+    lines = [request.method.encode(), b" ", target, b" HTTP/1.1\r\n"]
     for name, value in request.headers.raw:
         lines += [name, b": ", value, b"\r\n"]
     lines.append(b"\r\n")
@@ -853,7 +930,7 @@ def upstream_failure(exc: Exception, backend: Backend, url: httpx.URL) -> Gatewa
             type="upstream_error", code="upstream_timeout", headers=headers,
         )
     reason = str(exc) or type(exc).__name__
-    if isinstance(exc, AnswerTooLarge):
+    if isinstance(exc, UnreadableAnswer):
         return GatewayError(
             502, f"{where} failed: {reason}; see the backend's log", type="upstream_error", code="upstream_failed",
             headers=headers,
@@ -1014,15 +1091,23 @@ async def proxy(request: Request) -> Response | Relay:
     fill_defaults(payload, backend, path, settings)
     headers = upstream_headers(request, backend, settings)
     headers.append((b"content-type", b"application/json"))
-    url = with_query(backend.base_url + path, request)
-    upstream = httpx.Request("POST", parsed_url(url), headers=headers, content=serialize(payload))
+    upstream = upstream_request("POST", backend.base_url + path, request, headers, serialize(payload))
     return Relay(request.app.state.client, upstream, backend)
 
 
-def with_query(url: str, request: Request) -> str:
-    """`url` with the client's query string as sent (`?api-version=...`)."""
-    query = request.scope["query_string"]
-    return url + "?" + query.decode("latin-1") if query else url
+_NOT_VISIBLE = re.compile(rb"[^\x21-\x7e]")
+
+
+def upstream_request(
+    method: str, url: str, request: Request, headers: list[tuple[bytes, bytes]], content: bytes | None = None
+) -> httpx.Request:
+    """A request to `url` with the client's query string as sent (`?api-version=...`): httpx would
+    re-encode it, so the request target goes as written, but for bytes no request line may hold."""
+    extensions = {}
+    if query := request.scope["query_string"]:
+        query = _NOT_VISIBLE.sub(lambda m: b"%%%02X" % m.group()[0], query)
+        extensions["target"] = parsed_url(url).raw_path + b"?" + query
+    return httpx.Request(method, parsed_url(url), headers=headers, content=content, extensions=extensions)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1043,17 +1128,16 @@ async def list_models(request: Request) -> Response:
 
 
 async def _backend_models(request: Request, backend: Backend) -> list[dict[str, Any]]:
-    url = with_query(backend.base_url + "/models", request)
     try:
-        response, body = await fetch_models(request, backend, url)
+        response, body = await fetch_models(request, backend, backend.base_url + "/models")
         response.raise_for_status()
         models = JSON_DECODER.decode(body)["data"] or []  # Ollama without models says null
         return [{**model, "id": f"{backend.name}:{model['id']}"} for model in models]
-    except (httpx.HTTPError, TimeoutError, AnswerTooLarge, ValueError, RecursionError, KeyError, TypeError) as exc:
+    except (httpx.HTTPError, TimeoutError, UnreadableAnswer, ValueError, RecursionError, KeyError, TypeError) as exc:
         if isinstance(exc, httpx.HTTPStatusError):
             reason = f"status {exc.response.status_code}"
         else:
-            reason = str(exc) if isinstance(exc, AnswerTooLarge) else type(exc).__name__
+            reason = str(exc) if isinstance(exc, UnreadableAnswer) else type(exc).__name__
         logger.warning("models of backend %s at %s left out: %s", backend.name, backend.safe_url, reason)
         return []
 
@@ -1061,29 +1145,47 @@ async def _backend_models(request: Request, backend: Backend) -> list[dict[str, 
 MAX_MODELS_ANSWER = 16 * 1024 * 1024  # model lists run to kilobytes; this leaves room for the longest
 
 
-class AnswerTooLarge(Exception):
-    """A backend's answer to the gateway's own GET /models ran past MAX_MODELS_ANSWER."""
+class UnreadableAnswer(Exception):
+    """A backend's answer to the gateway's own GET /models that it cannot hold or read."""
 
 
-async def fetch_models(request: Request, backend: Backend, url: str | httpx.URL) -> tuple[httpx.Response, bytes]:
+async def fetch_models(request: Request, backend: Backend, url: str) -> tuple[httpx.Response, bytes]:
     """A backend's answer to the gateway's own GET of `url` (/models or /models/{model}), read whole
-    within MODELS_TIMEOUT and never past MAX_MODELS_ANSWER: the gateway holds it in memory, and a
-    broken backend may never end it. It reads and decodes the answer itself: no `Accept-Encoding`
-    of the client's goes up."""
+    within MODELS_TIMEOUT and never past MAX_MODELS_ANSWER, before or after decoding: the gateway
+    holds it in memory, and a broken backend may never end it or send a small gzip that inflates
+    to gigabytes. It asks for the answer uncompressed, whatever the client accepts."""
     settings: Settings = request.app.state.settings
     client: httpx.AsyncClient = request.app.state.client
     headers = [(n, v) for n, v in upstream_headers(request, backend, settings) if n != b"accept-encoding"]
+    headers.append((b"accept-encoding", b"identity"))
     async with asyncio.timeout(settings.models_timeout):
-        response = await client.send(httpx.Request("GET", url, headers=headers), stream=True)
+        response = await client.send(upstream_request("GET", url, request, headers), stream=True)
         try:
             body = bytearray()
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.aiter_raw():
                 body += chunk
                 if len(body) > MAX_MODELS_ANSWER:
-                    raise AnswerTooLarge(f"its answer is larger than {MAX_MODELS_ANSWER} bytes")
-            return response, bytes(body)
+                    raise UnreadableAnswer(f"its answer is larger than {MAX_MODELS_ANSWER} bytes")
+            return response, inflated(bytes(body), response.headers.get("content-encoding", "identity"))
         finally:
             await response.aclose()
+
+
+def inflated(body: bytes, encoding: str) -> bytes:
+    """`body` decoded, at most MAX_MODELS_ANSWER bytes of it: gzip and deflate only, asked or not."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise UnreadableAnswer(f"its answer is compressed with {escape(encoding)!r}, which the gateway did not ask for")
+    decompressor = zlib.decompressobj(wbits=47)  # a gzip or a zlib stream, told apart by its header
+    try:
+        plain = decompressor.decompress(body, MAX_MODELS_ANSWER + 1)
+    except zlib.error as exc:
+        raise UnreadableAnswer(f"its {encoding} answer does not decode: {exc}") from None
+    if len(plain) > MAX_MODELS_ANSWER:
+        raise UnreadableAnswer(f"its answer is larger than {MAX_MODELS_ANSWER} bytes once decoded")
+    return plain
 
 
 async def retrieve_model(request: Request) -> Response:
@@ -1095,14 +1197,19 @@ async def retrieve_model(request: Request) -> Response:
         raise invalid_path()
     asked = request.path_params["model"]  # decoded: the SDK sends `org/model` as `org%2Fmodel`
     backend, model = route_model(asked, settings)
-    if model in (".", ".."):  # as a path segment, it would name the directory above
-        raise GatewayError(400, f"model {asked!r} names no model; send one, like {_choices(settings)}", param="model")
+    # The upstream model as sent, byte for byte: decoding to text would turn `%FF` into U+FFFD.
+    sent = unquote_to_bytes(raw_path[len(b"/v1/models/"):])[len(asked) - len(model):]
+    if _names_another_path(sent):
+        raise GatewayError(
+            400, f"model {escape(asked)!r} names a path, not a model ('.' or '..' between slashes, or NUL); send a "
+            f"model name, like {_choices(settings)}", param="model", code="invalid_path",
+        )
     request.state.backend, request.state.model = backend.name, model
-    url = httpx.URL(with_query(backend.base_url + "/models/" + quote(model, safe=""), request))
+    url = backend.base_url + "/models/" + quote(sent, safe="")
     try:
         response, body = await unless_client_leaves(request, fetch_models(request, backend, url))
-    except (httpx.HTTPError, TimeoutError, AnswerTooLarge) as exc:
-        raise upstream_failure(exc, backend, url) from None
+    except (httpx.HTTPError, TimeoutError, UnreadableAnswer) as exc:
+        raise upstream_failure(exc, backend, parsed_url(url)) from None
     if response.status_code == 200:
         body = _with_id_prefix(body, asked[: len(asked) - len(model)])
     headers = filter_headers(response.headers.raw, NOT_FORWARDED_DOWN | {b"content-length", b"content-encoding"})
@@ -1110,6 +1217,15 @@ async def retrieve_model(request: Request) -> Response:
     response_out = Response(body, response.status_code)
     response_out.raw_headers = [*headers, (b"content-length", str(len(body)).encode())]
     return response_out
+
+
+def _names_another_path(model: bytes) -> bool:
+    """Whether `model`, as the last path segment, names another path once decoded, by the backend or
+    by a proxy in front of it that decodes `%2F` (once, or twice)."""
+    for decoded in (model, unquote_to_bytes(model)):
+        if b"\0" in decoded or any(part in (b".", b"..") for part in re.split(rb"[/\\]", decoded)):
+            return True
+    return False
 
 
 def _with_id_prefix(body: bytes, prefix: str) -> bytes:
@@ -1307,32 +1423,47 @@ app = create_app(SETTINGS)
 
 
 # ---------------------------------------------------------------------------------------------
-# The client connection: uvicorn's HTTP/1.1, with limits on the request head
+# The client connection: uvicorn's HTTP/1.1, with limits on the request head and whole answers
 # ---------------------------------------------------------------------------------------------
 
 MAX_REQUEST_HEAD = 64 * 1024  # bytes of request line and headers: nginx allows 32 KiB, Node.js 16 KiB
 LINGER = 2.0  # seconds a refused client's bytes are still read and dropped, so that it sees the answer
 
 
+class Refusal(Exception):
+    """Raised from a parser callback: the request is answered with `status` by the connection itself."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 class ClientConnection(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with the limits it lacks while a request arrives.
+    """uvicorn's httptools protocol, with the limits it lacks while a request arrives, and a request
+    answered once.
 
     httptools keeps every byte of a head until its end, and uvicorn's header list costs about 15
-    times the bytes sent: one client sending an endless head took the gateway past 2 GiB in
-    seconds. And only a kept-alive connection between requests has a timer: a client that
-    connected and sent nothing, half a head, or a head and no body, held its socket for good.
+    times the bytes sent; and only a kept-alive connection between requests has a timer. So the
+    bytes of a head are counted per read, however it is split, and checked once more when it is
+    whole; and one timer per connection, armed only while a request is due and not all there
+    after a read (the usual request comes whole in one read and never arms it), answers a head
+    or a body that stops arriving. A body's silence is measured from its last read when the timer
+    goes off, and the app is told through the request's state, so that its answer and log line
+    say 408; a body whose framing breaks is told the same way, and gets a 400.
 
-    One timer per connection, armed only while a request is due and not all there after a read:
-    the usual request comes whole in one read and never arms it. A body's silence is measured
-    from its last read when the timer goes off, and the app is told through the request's state,
-    so that its answer and log line say 408.
+    Once the connection answers for the last time (a refusal of its own, or an app's answer
+    before the request body was all read) it reads and drops what the client still sends for
+    LINGER seconds, then closes: those bytes are never parsed as a request, and closing a socket
+    with unread bytes would make the kernel reset it, losing the answer.
     """
 
     timer: asyncio.TimerHandle | None = None
-    in_head = False  # a head has begun and not ended
+    in_head = False  # a request head has begun and not ended
+    in_message = False  # a request has begun and its body not ended
+    message_ended = False  # a request ended in the current read
     head_bytes = 0  # of the head still arriving
     body_heard = 0.0  # loop time of the last read while a body was arriving
-    refused = False  # answered and closing: what the client still sends is dropped
+    closing = False  # answered for the last time: what the client still sends is dropped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -1343,20 +1474,34 @@ class ClientConnection(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.refused:
+        if self.closing:
             return
-        if self.waiting_for_head():  # these bytes begin a head or go on with one
-            end = data.find(b"\r\n\r\n")
-            self.head_bytes += len(data) if end < 0 else end + 4
+        self._unset_keepalive_if_required()
+        head_went_on = self.in_head
+        self.message_ended = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # the gateway speaks HTTP/1.1 only: answered, then closed
+            self.cycle.keep_alive = False
+            self.closing = True
+            return
+        except httptools.HttpParserError as exc:
+            refusal = exc.__context__
+            if isinstance(refusal, Refusal):
+                self.refuse(refusal.status, refusal.message)
+            else:
+                self.malformed()
+            return
+        if self.in_head:
+            # A head that began after a request ended in this read is counted from the next read on.
+            if head_went_on or not self.message_ended:
+                self.head_bytes += len(data)
             if self.head_bytes > MAX_REQUEST_HEAD:
                 self.refuse(431, f"request head larger than {MAX_REQUEST_HEAD} bytes; send fewer, shorter headers")
                 return
-            if end >= 0:
-                self.head_bytes = 0
-        super().data_received(data)
-        if self.waiting_for_head():
-            self.arm()
-        elif self.cycle.more_body and not self.cycle.response_started:  # a body still on its way
+        if self.in_head or (not self.in_message and (self.cycle is None or self.cycle.response_complete)):
+            self.arm()  # a head is due
+        elif self.in_message and not self.cycle.response_started:  # a body still on its way
             self.body_heard = self.loop.time()
             self.arm()
         else:
@@ -1364,18 +1509,32 @@ class ClientConnection(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.in_head = True
+        self.in_head = self.in_message = True
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
+        self.in_head, self.head_bytes = False, 0
+        if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > MAX_REQUEST_HEAD:
+            raise Refusal(431, f"request head larger than {MAX_REQUEST_HEAD} bytes; send fewer, shorter headers")
         super().on_headers_complete()
+        self.cycle.__class__ = ClientCycle  # uvicorn builds the cycle itself; this one frames answers as below
+        self.cycle.connection = self  # type: ignore[attr-defined]
 
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes its parser refuses, in OpenAI's shape like every other error."""
-        self.refuse(400, "the request is not valid HTTP/1.1; check what the client sends")
+    def on_message_complete(self) -> None:
+        self.in_message, self.message_ended = False, True
+        super().on_message_complete()
 
-    def waiting_for_head(self) -> bool:
-        return self.in_head or self.cycle is None or self.cycle.response_complete
+    def malformed(self) -> None:
+        """Bytes the parser refuses: a 400 in OpenAI's shape, from the app when it is reading the body
+        they broke, else from the connection."""
+        message = "the request is not valid HTTP/1.1 (its head, or the framing of its body); check what the client sends"
+        cycle = self.cycle
+        if self.in_message and not self.in_head and not cycle.response_started:
+            self.closing = True  # the parser is done for: nothing more is read
+            self.disarm()
+            cycle.scope["state"][BODY_FAILED] = GatewayError(400, message, headers={"connection": "close"})
+            cycle.message_event.set()  # the app's receive() returns, and read_body raises it
+        else:
+            self.refuse(400, message)
 
     def arm(self) -> None:
         if self.timer is None:
@@ -1388,44 +1547,126 @@ class ClientConnection(HttpToolsProtocol):
 
     def overdue(self) -> None:
         self.timer = None
-        if self.transport.is_closing() or self.transport.get_protocol() is not self:  # closed, or a websocket now
+        if self.closing or self.transport.is_closing():
             return
         if self.in_head:
             self.refuse(408, f"the request head did not arrive within {CLIENT_TIMEOUT:g} s")
-        elif self.cycle is None or self.cycle.response_complete:  # no request begun
-            self.transport.close()  # as uvicorn closes an idle kept-alive connection
-        elif self.cycle.more_body and not self.cycle.response_started:
+        elif not self.in_message:  # no request begun
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()  # as uvicorn closes an idle kept-alive connection
+        elif not self.cycle.response_started:
             if self.flow.read_paused:  # the gateway stopped reading (a pipelined request waits): no silence
                 self.body_heard = self.loop.time()
             if (left := self.body_heard + CLIENT_TIMEOUT - self.loop.time()) > 0:
                 self.timer = self.loop.call_later(left, self.overdue)
             else:
-                self.cycle.scope["state"][BODY_OVERDUE] = True
-                self.cycle.message_event.set()  # the app's receive() returns, and read_body answers 408
+                self.cycle.scope["state"][BODY_FAILED] = GatewayError(
+                    408, f"the request body stopped arriving: nothing came for {CLIENT_TIMEOUT:g} s; send it again",
+                    headers={"connection": "close"},
+                )
+                self.cycle.message_event.set()  # the app's receive() returns, and read_body raises it
 
     def refuse(self, status: int, message: str) -> None:
-        """Answer `status` in OpenAI's error shape and close the connection (unless an answer to an
-        earlier, pipelined request is under way: then it is only closed).
-
-        Closing a socket with unread bytes makes the kernel reset the connection, and the client
-        may lose the answer with it; so the bytes that still come are read and dropped for LINGER
-        seconds, as nginx does.
-        """
+        """Answer `status` in OpenAI's error shape and close the connection gently; an answer to an
+        earlier, pipelined request that is under way ends first, and then the connection closes."""
         self.disarm()
-        if self.transport.is_closing() or self.refused:
+        if self.closing or self.transport.is_closing():
             return
-        self.refused = True
-        logger.info("request head refused: status=%d (%s)", status, message)
+        logger.info("request refused: status=%d (%s)", status, message)
         if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.close()
+            self.closing = True
+            self.cycle.lingers = True  # type: ignore[attr-defined]
             return
         response = GatewayError(status, message, headers={"connection": "close"}).response()
         head = b"".join(b"%s: %s\r\n" % header for header in response.raw_headers)
         phrase = HTTPStatus(status).phrase.encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (status, phrase, head, response.body))
+        self.linger()
+
+    def linger(self) -> None:
+        """Stop answering: read and drop what comes for LINGER seconds, then close."""
+        self.closing = True
+        self.disarm()
+        self._unset_keepalive_if_required()
+        self.pipeline.clear()
         if self.transport.can_write_eof():  # not over TLS
             self.transport.write_eof()
         self.loop.call_later(LINGER, self.transport.close)
+
+
+class ClientCycle(RequestResponseCycle):
+    """uvicorn's request-response cycle, with two rules of framing it lacks.
+
+    An answer that starts before its request's body was all read says `Connection: close`, and
+    the connection lingers after it (above). An HTTP/1.0 client cannot read chunked encoding
+    (RFC 9112 6.1): a body without a length goes to it as raw bytes that end when the connection
+    closes.
+    """
+
+    connection: ClientConnection
+    lingers = False  # the connection closes gently after this answer
+    until_close = False  # the body is delimited by closing the connection
+
+    async def send(self, message: Message) -> None:
+        if not self.response_started and message["type"] == "http.response.start":
+            message = self.framed(message)
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            if self.until_close:
+                self.expected_content_length = len(message.get("body", b""))
+            if self.lingers:
+                self.keep_alive = True  # uvicorn would close at once, and a reset may lose the answer
+                await super().send(message)
+                self.connection.linger()
+                return
+        await super().send(message)
+
+    def framed(self, message: Message) -> Message:
+        headers = message.get("headers", [])
+        if self.more_body or self.lingers:
+            self.lingers = True
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        if (
+            self.scope["http_version"] == "1.0" and self.scope["method"] != "HEAD"
+            and message["status"] not in (204, 304) and all(name.lower() != b"content-length" for name, _ in headers)
+        ):
+            self.chunked_encoding, self.expected_content_length, self.until_close = False, sys.maxsize, True
+        return message
+
+
+# What the gateway uses of uvicorn and httpx beyond their public APIs: a release may change it, and
+# a gateway that starts without it would fail on every connection instead.
+INTERNALS: dict[type, tuple[str, ...]] = {
+    HttpToolsProtocol: (
+        "_unset_keepalive_if_required()", "on_message_begin()", "on_headers_complete()", "on_message_complete()",
+        "on_response_complete()", "parser", "cycle", "flow", "pipeline", "url", "headers",
+    ),
+    RequestResponseCycle: (
+        "send()", "scope", "more_body", "response_started", "response_complete", "message_event", "keep_alive",
+        "chunked_encoding", "expected_content_length",
+    ),
+    FlowControl: ("read_paused",),
+    httpx.AsyncClient: ("_transport_for_url()",),
+}
+
+
+def missing_internals() -> list[str]:
+    """What of INTERNALS the installed uvicorn and httpx lack: methods (named with `()`), and the
+    attributes that their methods set."""
+    missing = []
+    for cls, names in INTERNALS.items():
+        attributes = {name for f in vars(cls).values() for name in getattr(getattr(f, "__code__", None), "co_names", ())}
+        for name in names:
+            there = callable(getattr(cls, name[:-2], None)) if name.endswith("()") else name in attributes
+            if not there:
+                missing.append(f"{cls.__name__}.{name}")
+    return missing
+
+
+if missing := missing_internals():
+    raise SystemExit(
+        f"llm-gateway: uvicorn {uvicorn.__version__} or httpx {httpx.__version__} lacks {', '.join(missing)}, which "
+        "the gateway builds on; install the versions that pyproject.toml names"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1491,6 +1732,7 @@ def main(argv: list[str] | None = None) -> None:
         "gateway:app" if args.workers > 1 else app,
         http="gateway:ClientConnection" if args.workers > 1 else ClientConnection,
         host=args.host, port=args.port, workers=args.workers,
+        ws="none",  # the gateway serves no WebSocket, and a WebSocket library would log its handshakes' keys
         log_level=SETTINGS.log_level.lower(), access_log=False, proxy_headers=False,
         timeout_graceful_shutdown=SETTINGS.shutdown_timeout,
     )

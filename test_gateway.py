@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
@@ -107,7 +108,7 @@ def serve(app: Any, sock: socket.socket | None = None, **config: Any) -> Iterato
 
 def serve_gateway(app: Any, sock: socket.socket | None = None) -> AbstractContextManager[str]:
     """Serve a gateway app as `python gateway.py` does, with its own client connection protocol."""
-    return serve(app, sock, http=gateway.ClientConnection)
+    return serve(app, sock, http=gateway.ClientConnection, ws="none")
 
 
 Handler = Callable[["Seen", Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
@@ -1386,6 +1387,229 @@ def test_a_slow_request_body_that_keeps_coming_is_not_cut_off(gw: str, upstream:
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. Safety: the wire, each request answered once and each answer relayed as the backend framed it
+# ---------------------------------------------------------------------------------------------
+
+CHAT = b'{"model": "fake:m", "messages": []}'
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def responses_in(data: bytes) -> list[bytes]:
+    """The status lines of the responses in `data`, read with their lengths."""
+    lines = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines.append(head.split(b"\r\n", 1)[0])
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        data = rest[int(length.group(1)):] if length else b""
+    return lines
+
+
+@pytest.mark.parametrize("model", ["fake:..%2F..%2Fadmin%2Fusers", "fake:a%2F..%2F..%2Fadmin", "fake:%252e%252e%252Fadmin",
+                                   "fake:.%2F..%5Cadmin"])
+def test_a_model_lookup_naming_another_path_is_refused_and_never_sent(upstream: Upstream, gateway_with: Callable,
+                                                                     model: str) -> None:
+    gw = gateway_with(FAKE_API_KEY="sk-backend")
+    response = httpx.get(f"{gw}/v1/models/{model}", timeout=TIMEOUT)
+    assert response.status_code == 400 and error_of(response)["code"] == "invalid_path"
+    assert upstream.requests == []
+
+
+def test_a_model_lookup_sends_the_model_byte_for_byte(upstream: Upstream, gw: str) -> None:
+    upstream.handler = answer(200, b'{"id": "m", "object": "model"}', [("content-type", "application/json")])
+    assert httpx.get(f"{gw}/v1/models/fake:m%FF%20x", timeout=TIMEOUT).status_code == 200
+    assert upstream.last.path == "/v1/models/m%FF%20x"
+
+
+def test_the_query_string_goes_upstream_as_sent(upstream: Upstream, gw: str) -> None:
+    with connect_to(gw) as sock:
+        sock.sendall(b'POST /v1/chat/completions?a="<>&b=%%FF&api-version=1 HTTP/1.1\r\nHost: gw\r\n'
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                     % (len(CHAT), CHAT))
+        assert read_all(sock).startswith(b"HTTP/1.1 200")
+    assert upstream.last.path == '/v1/chat/completions?a="<>&b=%FF&api-version=1'
+
+
+@pytest.mark.parametrize("headers", [b"Authorization: Bearer wrong\r\n", b"Content-Type: multipart/form-data\r\n",
+                                     b"Content-Encoding: gzip\r\n"])
+def test_a_request_answered_before_its_body_gets_one_answer_and_its_body_is_never_read_as_a_request(
+    upstream: Upstream, gateway_with: Callable, access_log: Callable[[], list[str]], headers: bytes
+) -> None:
+    gw = gateway_with(GATEWAY_API_KEYS="gw-key")
+    body = (b"POST /v1/chat/completions HTTP/1.1\r\n" + b"x" * 1000 + b"\r\n") * 300  # looks like heads
+    with connect_to(gw) as sock:
+        sock.sendall(HEAD_START + headers + b"Content-Length: %d\r\n\r\n" % len(body) + body[:1000])
+        answer_ = read_until(sock, b"}")
+        with suppress(OSError):  # the gateway may have closed by the end
+            sock.sendall(body[1000:])
+        rest = read_all(sock)
+    assert answer_.startswith((b"HTTP/1.1 401", b"HTTP/1.1 400", b"HTTP/1.1 415"))
+    assert b"connection: close" in answer_.lower()
+    assert responses_in(answer_ + rest) == [answer_.split(b"\r\n", 1)[0]]
+    assert upstream.requests == [] and not [line for line in access_log() if "431" in line or "400" in line
+                                            and b"400" not in answer_]
+
+
+def test_a_413_for_a_declared_length_reads_no_more_of_the_body(upstream: Upstream, gateway_with: Callable) -> None:
+    gw = gateway_with(MAX_BODY_BYTES="1000")
+    with connect_to(gw) as sock:
+        sock.sendall(HEAD_START + b"Content-Length: 10000000\r\n\r\n" + b"x" * 100_000)
+        data = read_until(sock, b"}")
+        with suppress(OSError):
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\n{}")
+        data += read_all(sock)
+    assert responses_in(data) == [b"HTTP/1.1 413 Request Entity Too Large"]
+
+
+def test_hundreds_of_requests_whose_blank_line_is_split_across_reads_are_all_served(gw: str, upstream: Upstream) -> None:
+    head = HEAD_START + b"x-pad: " + b"p" * 900 + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % len(CHAT)
+    with connect_to(gw) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(100):  # 100 KB of heads on one connection, over the 64 KiB head limit in all
+            sock.sendall(head + b"\r")
+            time.sleep(0.002)  # two reads, most of the time; never a failure when not
+            sock.sendall(b"\n" + CHAT)
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
+    assert len(upstream.requests) == 100
+
+
+@pytest.mark.parametrize("framing", [
+    b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffff1\r\nx\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\nx\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",
+    b"Transfer-Encoding: xchunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+])
+def test_a_malformed_request_body_gets_a_400_not_silence(gw: str, upstream: Upstream,
+                                                        access_log: Callable[[], list[str]], framing: bytes) -> None:
+    with connect_to(gw) as sock:
+        sock.sendall(HEAD_START + framing)
+        data = read_all(sock)
+    assert data.startswith(b"HTTP/1.1 400") and responses_in(data) == [b"HTTP/1.1 400 Bad Request"]
+    assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "invalid_request_error"
+    assert upstream.requests == [] and not [line for line in access_log() if "status=499" in line]
+
+
+def test_an_http_1_0_client_gets_a_stream_as_raw_bytes_ending_at_close(gw: str, upstream: Upstream) -> None:
+    body = b'{"model": "fake:m", "messages": [], "stream": true}'
+    with connect_to(gw) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        head, _, events = read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert events == b"".join(sse_chunks("m"))
+
+
+def test_a_lone_surrogate_at_the_end_of_a_string_is_named_in_the_400(gw: str) -> None:
+    response = post(gw, content=b'{"model": "fake:m", "messages": [{"role": "user", "content": "Hi \\ud83d"}]}', json=None)
+    assert response.status_code == 400 and "\\ud83d without the low surrogate" in error_of(response)["message"]
+
+
+def test_the_gateway_stops_at_start_when_uvicorn_lacks_what_it_builds_on(tmp_path: Path) -> None:
+    code = "import uvicorn.protocols.http.httptools_impl as m; del m.RequestResponseCycle.send; import gateway"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "RequestResponseCycle.send" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_websocket_handshakes_key_never_reaches_the_debug_log(upstream: Upstream) -> None:
+    port, output = free_port(), []
+    with running([sys.executable, "gateway.py", "--port", str(port)], port, {"LOG_LEVEL": "debug"}, output) as url:
+        with connect_to(url) as sock:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         b"Authorization: Bearer sk-secret-ws\r\n\r\n")
+            assert read_all(sock).startswith(b"HTTP/1.1 ")
+    assert "sk-secret-ws" not in output[0] and "websockets" not in output[0]
+
+
+# The upstream's side: what a backend sends, framed as it sent it, or a clean 502 or abort.
+
+def chunked_answer(chunks: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" + chunks
+
+
+def test_a_chunk_extension_after_whitespace_passes_the_whole_body(gateway_with: Callable) -> None:
+    with socket_upstream(answers(chunked_answer(b"6 ;x=1\r\nabcdef\r\n3\t;y\r\nghi\r\n0\r\n\r\n"))) as (url, _):
+        response = post(gateway_with(BACKENDS=f"fake={url}"))
+    assert response.status_code == 200 and response.content == b"abcdefghi"
+
+
+def test_an_endless_trailer_aborts_the_response_and_is_not_held(gateway_with: Callable) -> None:
+    trailer = chunked_answer(b"2\r\nok\r\n0\r\nx-trailer: " + b"t" * (4 * gateway.MAX_RESPONSE_HEAD) + b"\r\n\r\n")
+    with socket_upstream(answers(trailer)) as (url, _):
+        with pytest.raises(httpx.RemoteProtocolError):
+            post(gateway_with(BACKENDS=f"fake={url}"))
+
+
+def test_too_many_trailer_fields_abort_the_response(gateway_with: Callable) -> None:
+    fields = b"".join(b"t%d: v\r\n" % i for i in range(gateway.MAX_RESPONSE_FIELDS + 1))
+    with socket_upstream(answers(chunked_answer(b"2\r\nok\r\n0\r\n" + fields + b"\r\n"))) as (url, _):
+        with pytest.raises(httpx.RemoteProtocolError):
+            post(gateway_with(BACKENDS=f"fake={url}"))
+
+
+def test_a_response_with_ten_thousand_headers_is_a_502(gateway_with: Callable) -> None:
+    fields = b"".join(b"h%d: v\r\n" % i for i in range(10_000))
+    with socket_upstream(answers(b"HTTP/1.1 200 OK\r\n" + fields + b"content-length: 2\r\n\r\n{}")) as (url, _):
+        response = post(gateway_with(BACKENDS=f"fake={url}"))
+    assert response.status_code == 502 and "fields" in error_of(response)["message"]
+
+
+def test_a_connection_whose_answer_ended_while_reading_was_paused_serves_the_next_request() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        connection = gateway.UpstreamConnection(loop, ("upstream", 80))
+        reading = []
+        transport = type("Transport", (), {
+            "write": lambda self, data: None, "get_write_buffer_size": lambda self: 0, "close": lambda self: None,
+            "pause_reading": lambda self: reading.append(False), "resume_reading": lambda self: reading.append(True),
+        })()
+        connection.connection_made(transport)
+        exchange = asyncio.ensure_future(connection.exchange(b"POST / HTTP/1.1\r\n\r\n", b"", {"read": 5}))
+        await asyncio.sleep(0)
+        body = b"x" * (gateway.HIGH_WATER + 1)
+        connection.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await exchange  # the head came; the client goes away without reading the body
+        return connection.reusable, reading[-1]
+
+    reusable, reading = asyncio.run(scenario())
+    assert reusable and reading  # back in the pool only with its socket read again
+
+
+def test_a_model_list_compressed_to_a_bomb_is_left_out_without_inflating_it(
+    upstream: Upstream, gateway_with: Callable
+) -> None:
+    bomb = gzip.compress(b"\0" * (4 * gateway.MAX_MODELS_ANSWER), compresslevel=9)
+    upstream.handler = answer(200, bomb, [("content-type", "application/json"), ("content-encoding", "gzip")])
+    gw = gateway_with()
+    tracemalloc.start()
+    try:
+        listed = httpx.get(gw + "/v1/models", timeout=TIMEOUT)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert listed.status_code == 200 and listed.json()["data"] == []
+    assert upstream.last.header("accept-encoding") == "identity"
+    assert peak < 2 * gateway.MAX_MODELS_ANSWER + 8 * MiB, f"{peak / MiB:.0f} MiB held for one model list"
+
+
+def test_a_model_answer_that_inflates_past_the_limit_is_a_502(upstream: Upstream, gw: str) -> None:
+    bomb = gzip.compress(b"\0" * (gateway.MAX_MODELS_ANSWER + 1))
+    upstream.handler = answer(200, bomb, [("content-type", "application/json"), ("content-encoding", "gzip")])
+    response = httpx.get(gw + "/v1/models/fake:m", timeout=TIMEOUT)
+    assert response.status_code == 502 and "once decoded" in error_of(response)["message"]
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. Safety: loops
 # ---------------------------------------------------------------------------------------------
 
@@ -1831,10 +2055,20 @@ def test_upstream_closing_idle_connections_is_invisible_to_clients(gateway_with:
             eventually(lambda: not server.server_state.connections)  # the upstream closed the idle connection
 
 
-def test_request_meeting_a_connection_the_upstream_is_closing_is_sent_again(gateway_with: Callable) -> None:
+def test_a_post_the_upstream_may_have_read_is_never_sent_twice(gateway_with: Callable) -> None:
     with socket_upstream(answers(JSON_OK, None), answers(JSON_OK)) as (url, heads):
         gw = gateway_with(BACKENDS=f"fake={url}")
-        assert [post(gw).status_code for _ in range(2)] == [200, 200]
+        assert post(gw).status_code == 200
+        response = post(gw)  # read by the backend on the kept-alive connection, which it then closes
+    assert response.status_code == 502 and "Idempotency-Key" in error_of(response)["message"]
+    assert len(heads) == 2
+
+
+def test_a_request_with_an_idempotency_key_meeting_a_closing_connection_is_sent_again(gateway_with: Callable) -> None:
+    with socket_upstream(answers(JSON_OK, None), answers(JSON_OK)) as (url, heads):
+        gw = gateway_with(BACKENDS=f"fake={url}")
+        statuses = [post(gw, headers={"idempotency-key": "k1"}).status_code for _ in range(2)]
+    assert statuses == [200, 200]
     assert len(heads) == 3  # the second request, dropped unanswered at once, then sent again
 
 
@@ -1898,8 +2132,8 @@ def test_plain_http_backends_named_in_no_proxy_still_take_the_gateways_transport
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # httpx would route these past the mounts
     with socket_upstream(answers(JSON_OK, None), answers(JSON_OK)) as (url, heads):
         gw = gateway_with(BACKENDS=f"fake={url}")
-        assert [post(gw).status_code for _ in range(2)] == [200, 200]  # the stale connection resent
-    assert len(heads) == 3
+        statuses = [post(gw, headers={"idempotency-key": "k1"}).status_code for _ in range(2)]
+    assert statuses == [200, 200] and len(heads) == 3  # only the gateway's own transport sends it again
 
 
 def test_an_upstream_status_outside_http_is_a_502(gateway_with: Callable) -> None:
