@@ -569,27 +569,21 @@ class UpstreamConnection(asyncio.Protocol):
         if self.phase is Phase.DONE:  # a second response, never asked for: it stops here, with its connection
             raise httptools.HttpParserError("a response the gateway did not ask for")
 
-    def on_status(self, status: bytes) -> None:
-        self.count_field(status)
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.count_field(name + value)
-        if self.head.done():  # a trailer field after a chunked body: not a header of the response
-            return
-        self.headers.append((name, value))
-        lower = name.lower()
-        if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
-            self.framed = True
-
-    def count_field(self, field: bytes) -> None:
-        self.progressed = True
         self.fields += 1
-        self.field_bytes += len(field) + 4
+        self.field_bytes += len(name) + len(value) + 4
         if self.field_bytes > MAX_RESPONSE_HEAD or self.fields > MAX_RESPONSE_FIELDS:
             part = "trailers" if self.head.done() else "head"
             raise httptools.HttpParserError(
                 f"its response {part} has over {MAX_RESPONSE_FIELDS} fields or {MAX_RESPONSE_HEAD} bytes"
             )
+        if self.head.done():  # a trailer field after a chunked body: not a header of the response
+            self.progressed = True
+            return
+        self.headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
+            self.framed = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -1461,7 +1455,8 @@ class ClientConnection(HttpToolsProtocol):
     in_head = False  # a request head has begun and not ended
     in_message = False  # a request has begun and its body not ended
     message_ended = False  # a request ended in the current read
-    head_bytes = 0  # of the head still arriving
+    read_size = 0  # bytes in the current read
+    head_bytes = 0  # of the head still arriving, counted per read
     body_heard = 0.0  # loop time of the last read while a body was arriving
     closing = False  # answered for the last time: what the client still sends is dropped
 
@@ -1478,7 +1473,7 @@ class ClientConnection(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         head_went_on = self.in_head
-        self.message_ended = False
+        self.message_ended, self.read_size = False, len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # the gateway speaks HTTP/1.1 only: answered, then closed
@@ -1502,6 +1497,7 @@ class ClientConnection(HttpToolsProtocol):
         if self.in_head or (not self.in_message and (self.cycle is None or self.cycle.response_complete)):
             self.arm()  # a head is due
         elif self.in_message and not self.cycle.response_started:  # a body still on its way
+            self.framing(self.cycle)
             self.body_heard = self.loop.time()
             self.arm()
         else:
@@ -1512,12 +1508,22 @@ class ClientConnection(HttpToolsProtocol):
         self.in_head = self.in_message = True
 
     def on_headers_complete(self) -> None:
+        could_be_over = self.head_bytes + self.read_size > MAX_REQUEST_HEAD  # else the reads hold less
         self.in_head, self.head_bytes = False, 0
-        if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > MAX_REQUEST_HEAD:
+        if could_be_over and len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > MAX_REQUEST_HEAD:
             raise Refusal(431, f"request head larger than {MAX_REQUEST_HEAD} bytes; send fewer, shorter headers")
         super().on_headers_complete()
-        self.cycle.__class__ = ClientCycle  # uvicorn builds the cycle itself; this one frames answers as below
-        self.cycle.connection = self  # type: ignore[attr-defined]
+        if self.scope["http_version"] == "1.0":
+            self.framing(self.cycle)
+
+    def framing(self, cycle: RequestResponseCycle) -> ClientCycle:
+        """`cycle` made a ClientCycle, which frames its answer by the rules below. uvicorn builds the
+        cycle itself; only a request with a body still arriving, or from an HTTP/1.0 client, needs
+        them, and the usual request, whole in one read, keeps uvicorn's own."""
+        if not isinstance(cycle, ClientCycle):
+            cycle.__class__ = ClientCycle
+            cycle.connection = self  # type: ignore[attr-defined]
+        return cycle  # type: ignore[return-value]
 
     def on_message_complete(self) -> None:
         self.in_message, self.message_ended = False, True
@@ -1529,6 +1535,7 @@ class ClientConnection(HttpToolsProtocol):
         message = "the request is not valid HTTP/1.1 (its head, or the framing of its body); check what the client sends"
         cycle = self.cycle
         if self.in_message and not self.in_head and not cycle.response_started:
+            self.framing(cycle)
             self.closing = True  # the parser is done for: nothing more is read
             self.disarm()
             cycle.scope["state"][BODY_FAILED] = GatewayError(400, message, headers={"connection": "close"})
@@ -1575,7 +1582,7 @@ class ClientConnection(HttpToolsProtocol):
         logger.info("request refused: status=%d (%s)", status, message)
         if self.cycle is not None and not self.cycle.response_complete:
             self.closing = True
-            self.cycle.lingers = True  # type: ignore[attr-defined]
+            self.framing(self.cycle).lingers = True
             return
         response = GatewayError(status, message, headers={"connection": "close"}).response()
         head = b"".join(b"%s: %s\r\n" % header for header in response.raw_headers)
