@@ -20,6 +20,7 @@ import gc
 import hmac
 import logging
 import os
+import random
 import re
 import secrets
 import ssl
@@ -66,18 +67,38 @@ class ConfigError(ValueError):
     """A setting in the environment that the gateway cannot use."""
 
 
+MAX_CHAIN = 8  # targets in one fallback chain
+
+
+class Server:
+    """One server of a backend, by its `/v1` base URL, and what this gateway process knows of it:
+    requests in flight, failures in a row and until when it is ejected, the models it lists (None
+    while unknown: then it serves every model), and when it last served each model."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.safe_url = public_url(url)  # without credentials or query, fit for logs and error messages
+        self.in_flight = 0
+        self.failures = 0
+        self.ejected_until = 0.0
+        self.on_trial = False  # its cooldown is over, and one request is trying it again
+        self.models: frozenset[str] | None = None
+        self.served: dict[str, float] = {}
+
+
 @dataclass(frozen=True)
 class Backend:
-    """An OpenAI-compatible upstream: its name (the model prefix), its `/v1` base URL, its key."""
+    """An OpenAI-compatible upstream: its name (the model prefix), its servers (one or more `/v1`
+    base URLs that serve the same models), its key."""
 
     name: str
-    base_url: str
+    servers: tuple[Server, ...]
     api_key: str | None
 
     @property
     def safe_url(self) -> str:
-        """The base URL without credentials or query, fit for logs and error messages."""
-        return public_url(self.base_url)
+        """The servers' URLs without credentials or query, fit for logs and error messages."""
+        return "|".join(server.safe_url for server in self.servers)
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,8 @@ class Settings:
     gateway_api_keys: tuple[bytes, ...]
     gateway_id: str
     log_level: str
+    aliases: dict[str, tuple[str, ...]]  # exact model name -> its targets, a fallback chain
+    alias_patterns: tuple[tuple[str, tuple[str, ...]], ...] = ()  # name prefix -> targets, longest first
 
     @functools.cached_property
     def via(self) -> bytes:
@@ -113,6 +136,7 @@ class Settings:
         default = env.get("DEFAULT_BACKEND", "openai").strip() or None
         if default is not None and default not in backends:
             raise ConfigError(f"DEFAULT_BACKEND={default!r} is not a backend; choose one of {', '.join(backends)}")
+        aliases = _parse_aliases(env.get("ALIASES", ""), backends, default)
         return cls(
             backends=backends,
             default_backend=default,
@@ -127,6 +151,10 @@ class Settings:
             gateway_api_keys=tuple(k.strip().encode() for k in env.get("GATEWAY_API_KEYS", "").split(",") if k.strip()),
             gateway_id=_gateway_id(env.get("GATEWAY_ID", "").strip() or secrets.token_hex(6)),
             log_level=_log_level(env.get("LOG_LEVEL") or "info"),
+            aliases={name: chain for name, chain in aliases if not name.endswith("*")},
+            alias_patterns=tuple(sorted(
+                ((name[:-1], chain) for name, chain in aliases if name.endswith("*")), key=lambda p: -len(p[0])
+            )),
         )
 
 
@@ -146,19 +174,46 @@ def public_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-def _backend(env: Mapping[str, str], name: str, url: str) -> Backend:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        shown = public_url(url) if parts.scheme in ("http", "https") else url.rpartition("@")[2]  # no password
-        raise ConfigError(
-            f"backend {name!r} needs an http:// or https:// URL without query or fragment, like "
-            f"http://localhost:8000/v1; got {shown!r}"
-        )
+def _backend(env: Mapping[str, str], name: str, urls: str) -> Backend:
+    """A backend and its servers: `urls` holds one base URL, or several separated by `|`."""
     key_name = re.sub(r"[-.]", "_", name.upper()) + "_API_KEY"
     key = env.get(key_name, "").strip() or None
-    if key and (parts.username or parts.password):
-        raise ConfigError(f"backend {name!r} has a user and password in its URL and {key_name} too; keep one of them")
-    return Backend(name=name, base_url=with_v1(url) if name == "ollama" else url.rstrip("/"), api_key=key)
+    servers = []
+    for url in (url.strip() for url in urls.split("|")):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            shown = public_url(url) if parts.scheme in ("http", "https") else url.rpartition("@")[2]  # no password
+            raise ConfigError(
+                f"backend {name!r} needs an http:// or https:// URL without query or fragment, like "
+                f"http://localhost:8000/v1 (several servers: separated by '|'); got {shown!r}"
+            )
+        if key and (parts.username or parts.password):
+            raise ConfigError(f"backend {name!r} has a user and password in its URL and {key_name} too; keep one of them")
+        servers.append(Server(with_v1(url) if name == "ollama" else url.rstrip("/")))
+    return Backend(name=name, servers=tuple(servers), api_key=key)
+
+
+def _parse_aliases(
+    spec: str, backends: Mapping[str, Backend], default: str | None
+) -> list[tuple[str, tuple[str, ...]]]:
+    """`ALIASES="name=target,name2=target2|target3"`: each name with its targets, checked now, so that
+    an alias that could never be routed stops the gateway at start."""
+    aliases = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, targets = item.partition("=")
+        name, chain = name.strip(), tuple(target.strip() for target in targets.split("|"))
+        if not sep or not name or "*" in name[:-1] or not all(chain) or len(chain) > MAX_CHAIN:
+            raise ConfigError(
+                f"ALIASES entries look like name=backend:model, or name=backend:model|backend:model (at most "
+                f"{MAX_CHAIN}), with '*' only at the end of a name; got {item!r}"
+            )
+        for target in chain:
+            try:
+                split_model(target, backends, default)
+            except GatewayError as exc:
+                raise ConfigError(f"ALIASES entry {item!r}: {exc.message}") from None
+        aliases.append((name, chain))
+    return aliases
 
 
 def _parse_backends(spec: str) -> Iterable[tuple[str, str]]:
@@ -248,26 +303,93 @@ def route_model(model: str, settings: Settings) -> tuple[Backend, str]:
     `ollama:qwen2.5:7b` -> (ollama, `qwen2.5:7b`); a name without a known prefix goes whole to the
     default backend, so clients that send `gpt-4o-mini` keep working.
     """
+    return split_model(model, settings.backends, settings.default_backend)
+
+
+def split_model(model: str, backends: Mapping[str, Backend], default: str | None) -> tuple[Backend, str]:
     if len(model) > MAX_MODEL_NAME or _CONTROL_CHARS.search(model):
         raise GatewayError(
             400, f"model must be at most {MAX_MODEL_NAME} printable characters, like 'ollama:qwen2.5'", param="model"
         )
     prefix, colon, rest = model.partition(":")
-    backend = settings.backends.get(prefix) if colon else None
+    backend = backends.get(prefix) if colon else None
     if backend is None:
-        if settings.default_backend is None:
+        if default is None:
             raise GatewayError(
-                400, f"model {model!r} does not start with a backend prefix; use one of: {_choices(settings)}",
+                400, f"model {model!r} does not start with a backend prefix; use one of: {_choices(backends)}",
                 param="model", code="model_not_found",
             )
-        backend, rest = settings.backends[settings.default_backend], model
+        backend, rest = backends[default], model
     if not rest:
-        raise GatewayError(400, f"model {model!r} names no model; send one, like {_choices(settings)}", param="model")
+        raise GatewayError(400, f"model {model!r} names no model; send one, like {_choices(backends)}", param="model")
     return backend, rest
 
 
-def _choices(settings: Settings) -> str:
-    return ", ".join(f"'{name}:<model>'" for name in settings.backends)
+def _choices(backends: Mapping[str, Backend]) -> str:
+    return ", ".join(f"'{name}:<model>'" for name in backends)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one attempt at a request goes: a backend, the model as that backend knows it, and
+    the name it was routed by (`ollama:qwen2.5`), which `x-gateway-model` reports."""
+
+    backend: Backend
+    model: str
+    name: str
+
+
+def route(model: str, settings: Settings) -> list[Target]:
+    """The targets of a request for `model`, in the order they are tried: an alias's chain, a chain
+    the client sent (`openai:gpt-4.1-mini|ollama:qwen2.5`), or the model alone. An alias's targets
+    are not looked up again, so aliases never loop."""
+    chain = settings.aliases.get(model) or _pattern_alias(model, settings)
+    if chain is None:
+        chain = model.split("|") if "|" in model else (model,)
+        if len(chain) > MAX_CHAIN:
+            raise GatewayError(400, f"a fallback chain may hold at most {MAX_CHAIN} models; send fewer", param="model")
+    targets = []
+    for name in chain:
+        backend, upstream_model = route_model(name, settings)
+        targets.append(Target(backend, upstream_model, f"{backend.name}:{upstream_model}"))
+    return targets
+
+
+def _pattern_alias(model: str, settings: Settings) -> tuple[str, ...] | None:
+    for prefix, chain in settings.alias_patterns:  # longest first
+        if model.startswith(prefix):
+            return chain
+    return None
+
+
+# Passive health: a server that failed is left out for a cooldown that grows with each failure in a row.
+COOLDOWN_FIRST, COOLDOWN_MAX = 5.0, 60.0
+
+
+def pick_server(backend: Backend, model: str, tried: set[Server], now: float) -> Server | None:
+    """The server of `backend` for a request for `model`, among those this request has not tried:
+    of the servers not ejected that serve the model (or all not ejected, when none lists it), the
+    one with the fewest requests in flight, then the one that served the model last, its weights
+    likely still loaded. When every one is ejected, the one whose cooldown ends first."""
+    servers = backend.servers
+    if len(servers) == 1:
+        return None if servers[0] in tried else servers[0]
+    fresh = [server for server in servers if server not in tried]
+    if not fresh:
+        return None
+    ready = [server for server in fresh if server.ejected_until <= now and not server.on_trial]
+    if not ready:
+        return min(fresh, key=lambda server: server.ejected_until)
+    serving = [server for server in ready if server.models is None or model in server.models] or ready
+    return min(serving, key=lambda server: (server.in_flight, -server.served.get(model, -1.0)))
+
+
+def eject(server: Server, now: float) -> None:
+    """Leave `server` out for a cooldown: near 5 s after one failure, doubling with each more, at most 60 s."""
+    server.failures += 1
+    cooldown = min(COOLDOWN_MAX, COOLDOWN_FIRST * 2 ** (server.failures - 1))
+    server.ejected_until = now + cooldown * random.uniform(0.9, 1.1)  # servers ejected together come back apart
+    server.on_trial = False
 
 
 _DOT_SEGMENT = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
@@ -392,10 +514,13 @@ def fill_defaults(payload: dict[str, Any], backend: Backend, path: str, settings
     """Add DEFAULT_TEMPERATURE / DEFAULT_MAX_TOKENS to a text generation request that leaves them out.
 
     The token limit goes in the field the backend honours: Ollama ignores `max_completion_tokens`,
-    while OpenAI's reasoning models reject `max_tokens` in chat.
+    while OpenAI's reasoning models reject `max_tokens` in chat. So a client's own
+    `max_completion_tokens` goes to Ollama as `max_tokens` too: it would generate without limit.
     """
     if path not in TEXT_GENERATION_PATHS:
         return
+    if backend.name == "ollama" and "max_completion_tokens" in payload and "max_tokens" not in payload:
+        payload["max_tokens"] = payload.pop("max_completion_tokens")
     if settings.default_temperature is not None and "temperature" not in payload:
         payload["temperature"] = settings.default_temperature
     if settings.default_max_tokens is not None and not ({"max_tokens", "max_completion_tokens"} & payload.keys()):
@@ -864,10 +989,11 @@ def _request_head(request: httpx.Request) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def client_headers(response: httpx.Response, backend: Backend) -> list[tuple[bytes, bytes]]:
+def client_headers(response: httpx.Response, target: Target) -> list[tuple[bytes, bytes]]:
     bodiless = response.status_code in (204, 304)
     headers = filter_headers(response.headers.raw, NOT_RELAYED_WITHOUT_BODY if bodiless else NOT_RELAYED)
-    headers.append((b"x-gateway-backend", backend.name.encode()))
+    headers.append((b"x-gateway-backend", target.backend.name.encode()))
+    headers.append((b"x-gateway-model", target.name.encode()))
     content_type = response.headers.get("content-type", "")
     if "content-length" not in response.headers or content_type.startswith("text/event-stream"):
         headers.append((b"x-accel-buffering", b"no"))
@@ -990,8 +1116,88 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     raise GatewayError(499, "the client went away before the answer")  # for the log: nobody reads it
 
 
+# An answer that moves a request on to its next server, then its next target, as long as nothing
+# of it has reached the client: the backend is busy, overloaded, failing, or timed out.
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+EJECTING_STATUS = frozenset({502, 503, 504})  # an answer that says the server itself is in trouble
+
+
+@dataclass
+class Attempt:
+    """One try at a request: a target on one of its backend's servers."""
+
+    target: Target
+    server: Server
+    request: httpx.Request
+    outcome: str = ""
+
+
+class Plan:
+    """The attempts at one request, in order: each target of its chain, and for each target the
+    servers of its backend, each at most once, best first when its turn comes.
+
+    The body is parsed once; each target gets it rewritten for itself (model, defaults, key). The
+    usual request, one target on one server, is sent as it was parsed, without a copy.
+    """
+
+    def __init__(self, request: Request, path: str, payload: dict[str, Any], targets: list[Target]) -> None:
+        self.request, self.path, self.payload, self.targets = request, path, payload, targets
+        self.settings: Settings = request.app.state.settings
+        self.position = 0  # the target being tried
+        self.tried: set[Server] = set()  # its servers tried so far
+        self.attempts: list[Attempt] = []
+        self.bodies: dict[int, tuple[list[tuple[bytes, bytes]], bytes]] = {}
+
+    def next(self) -> Attempt | None:
+        """The next attempt, or None when every target's every server was tried."""
+        now = asyncio.get_running_loop().time()
+        while self.position < len(self.targets):
+            target = self.targets[self.position]
+            if (server := pick_server(target.backend, target.model, self.tried, now)) is not None:
+                self.tried.add(server)
+                if server.failures and server.ejected_until <= now:
+                    server.on_trial = True  # back from its cooldown: this request tries it again, alone
+                attempt = Attempt(target, server, self.upstream_request(self.position, server))
+                self.attempts.append(attempt)
+                return attempt
+            self.position += 1
+            self.tried.clear()  # the next target may be on the same backend: its servers are tried again
+        return None
+
+    def upstream_request(self, index: int, server: Server) -> httpx.Request:
+        if index not in self.bodies:
+            target = self.targets[index]
+            payload = self.payload if len(self.targets) == 1 else dict(self.payload)
+            payload["model"] = target.model
+            fill_defaults(payload, target.backend, self.path, self.settings)
+            headers = upstream_headers(self.request, target.backend, self.settings)
+            headers.append((b"content-type", b"application/json"))
+            self.bodies[index] = headers, serialize(payload)
+        headers, body = self.bodies[index]
+        return upstream_request("POST", server.url + self.path, self.request, headers, body)
+
+
+def settle(attempt: Attempt, status: int | None, exc: Exception | None, now: float) -> None:
+    """Record how `attempt` went, for its server's health and for the access line."""
+    server = attempt.server
+    if exc is not None:
+        attempt.outcome = type(exc).__name__
+        if not isinstance(exc, httpx.TimeoutException) or isinstance(exc, httpx.ConnectTimeout):
+            eject(server, now)  # unreachable, or reset before answering: a slow answer is no failure
+        else:
+            server.on_trial = False
+        return
+    attempt.outcome = str(status)
+    if status in EJECTING_STATUS:
+        eject(server, now)
+    else:
+        server.failures, server.on_trial = 0, False
+        if status is not None and status < 300:
+            server.served[attempt.target.model] = now
+
+
 class Relay:
-    """An ASGI response that sends one request upstream and streams the answer back unchanged.
+    """An ASGI response that walks a request's plan and streams the answer back unchanged.
 
     The client's disconnect is watched from the first moment: while the upstream is still thinking
     and while it streams. Either way the upstream request is closed, so the backend stops
@@ -999,8 +1205,8 @@ class Relay:
     so the client sees an error instead of a silently short answer.
     """
 
-    def __init__(self, client: httpx.AsyncClient, request: httpx.Request, backend: Backend) -> None:
-        self.client, self.request, self.backend = client, request, backend
+    def __init__(self, client: httpx.AsyncClient, plan: Plan) -> None:
+        self.client, self.plan = client, plan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with cancelled_if_client_leaves(receive) as watch:
@@ -1009,21 +1215,66 @@ class Relay:
             scope["state"]["outcome"] = "client disconnected"
 
     async def relay(self, scope: Scope, send: Send) -> None:
+        response, attempt = await self.answer(scope["state"])
+        target = attempt.target
         try:
-            response = await self.client.send(self.request, stream=True)
-        except httpx.HTTPError as exc:
-            raise upstream_failure(exc, self.backend, self.request.url) from None
-        try:
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": client_headers(response, self.backend)})
+            headers = client_headers(response, target)
+            if len(self.plan.attempts) > 1 and response.status_code in RETRYABLE_STATUS:
+                headers.append((b"x-should-retry", b"false"))  # the gateway tried every target: no SDK retries on top
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
             async for chunk in response.stream:  # the raw body: no decoding, no re-chunking
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except httpx.HTTPError as exc:
             scope["state"]["outcome"] = f"upstream failed mid-stream: {type(exc).__name__}"
         finally:
+            attempt.server.in_flight -= 1
             await response.aclose()
             del response.stream  # httpx's response and its stream refer to each other: unlinked, both go now
+
+    async def answer(self, state: dict[str, Any]) -> tuple[httpx.Response, Attempt]:
+        """The first answer worth relaying, and the attempt that got it: the plan moves on while a
+        server cannot be reached, times out before its response head, or answers RETRYABLE_STATUS;
+        the last attempt's answer is relayed, whatever it is, or its failure answered as a 502/504."""
+        loop = asyncio.get_running_loop()
+        attempt = self.plan.next()
+        assert attempt is not None
+        while True:
+            attempt.server.in_flight += 1
+            state["backend"], state["model"] = attempt.target.backend.name, attempt.target.model
+            try:
+                response = await self.client.send(attempt.request, stream=True)
+            except httpx.HTTPError as exc:
+                attempt.server.in_flight -= 1
+                settle(attempt, None, exc, loop.time())
+                if (following := self.plan.next()) is None:
+                    self.log_attempts(state)
+                    error = upstream_failure(exc, attempt.target.backend, attempt.request.url)
+                    if len(self.plan.attempts) > 1:
+                        error.headers["x-should-retry"] = "false"
+                    raise error from None
+            except BaseException:
+                attempt.server.in_flight -= 1
+                raise
+            else:
+                status = response.status_code
+                if status not in RETRYABLE_STATUS or (following := self.plan.next()) is None:
+                    settle(attempt, status, None, loop.time())
+                    self.log_attempts(state)
+                    if status == 404 and len(attempt.target.backend.servers) > 1:
+                        self.plan.request.app.state.models_stale.set()  # a server may have lost the model
+                    return response, attempt
+                attempt.server.in_flight -= 1
+                settle(attempt, status, None, loop.time())
+                await response.aclose()
+            attempt = following
+
+    def log_attempts(self, state: dict[str, Any]) -> None:
+        """Name every attempt in the access line, when there was more than one."""
+        if len(attempts := self.plan.attempts) > 1:
+            state["attempts"] = ", ".join(
+                f"{a.target.name}@{a.server.safe_url}={a.outcome}" for a in attempts
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1079,14 +1330,9 @@ async def proxy(request: Request) -> Response | Relay:
         )
     payload = parse_payload(await read_body(request, settings.max_body_bytes))
     request.state.model = payload["model"]  # logged as sent, should routing refuse it
-    backend, model = route_model(payload["model"], settings)
-    request.state.backend, request.state.model = backend.name, model
-    payload["model"] = model
-    fill_defaults(payload, backend, path, settings)
-    headers = upstream_headers(request, backend, settings)
-    headers.append((b"content-type", b"application/json"))
-    upstream = upstream_request("POST", backend.base_url + path, request, headers, serialize(payload))
-    return Relay(request.app.state.client, upstream, backend)
+    targets = route(payload["model"], settings)
+    request.state.backend, request.state.model = targets[0].backend.name, targets[0].model
+    return Relay(request.app.state.client, Plan(request, path, payload, targets))
 
 
 _NOT_VISIBLE = re.compile(rb"[^\x21-\x7e]")
@@ -1111,29 +1357,100 @@ def parsed_url(url: str) -> httpx.URL:
 
 
 async def list_models(request: Request) -> Response:
-    """`GET /v1/models`: every backend's models, asked concurrently, each id prefixed by its backend."""
+    """`GET /v1/models`: every backend's models, asked concurrently, each id prefixed by its backend
+    and listed once however many servers list it; then every alias."""
     admit(request)
     settings: Settings = request.app.state.settings
     lists = await unless_client_leaves(
         request, asyncio.gather(*(_backend_models(request, backend) for backend in settings.backends.values()))
     )
     data = [model for models in lists for model in models]
+    data += [alias_model(name) for name in settings.aliases]
     return Response(JSON_ENCODER.encode({"object": "list", "data": data}), media_type="application/json")
 
 
+def alias_model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway"}
+
+
 async def _backend_models(request: Request, backend: Backend) -> list[dict[str, Any]]:
+    answers = await asyncio.gather(*(_server_models(request, backend, server) for server in backend.servers))
+    merged: dict[str, dict[str, Any]] = {}
+    for models in answers:
+        for model in models:
+            merged.setdefault(f"{backend.name}:{model['id']}", model)
+    return [{**model, "id": name} for name, model in merged.items()]
+
+
+async def _server_models(request: Request, backend: Backend, server: Server) -> list[dict[str, Any]]:
+    client: httpx.AsyncClient = request.app.state.client
     try:
-        response, body = await fetch_models(request, backend, backend.base_url + "/models")
+        settings: Settings = request.app.state.settings
+        headers = models_headers(request, backend, settings)
+        models = await fetch_model_list(
+            client, upstream_request("GET", server.url + "/models", request, headers), settings.models_timeout
+        )
+        if len(backend.servers) > 1:
+            server.models = frozenset(model["id"] for model in models)
+        return models
+    except ModelListUnusable as exc:
+        logger.warning("models of backend %s at %s left out: %s", backend.name, server.safe_url, exc)
+        return []
+
+
+class ModelListUnusable(Exception):
+    """A server's model list could not be had: unreachable, an error, or not a model list."""
+
+
+async def fetch_model_list(
+    client: httpx.AsyncClient, request: httpx.Request, timeout: float
+) -> list[dict[str, Any]]:
+    try:
+        response, body = await fetch_models(client, request, timeout)
         response.raise_for_status()
         models = JSON_DECODER.decode(body)["data"] or []  # Ollama without models says null
-        return [{**model, "id": f"{backend.name}:{model['id']}"} for model in models]
+        if not all(isinstance(model, dict) and isinstance(model.get("id"), str) for model in models):
+            raise TypeError
+        return models
     except (httpx.HTTPError, TimeoutError, UnreadableAnswer, ValueError, RecursionError, KeyError, TypeError) as exc:
         if isinstance(exc, httpx.HTTPStatusError):
             reason = f"status {exc.response.status_code}"
         else:
             reason = str(exc) if isinstance(exc, UnreadableAnswer) else type(exc).__name__
-        logger.warning("models of backend %s at %s left out: %s", backend.name, backend.safe_url, reason)
-        return []
+        raise ModelListUnusable(reason) from None
+
+
+MODELS_REFRESH = 30.0  # seconds between two looks at the model lists of backends with several servers
+MODELS_REFRESH_GAP = 5.0  # seconds at least between two looks, however many 404s ask for one
+
+
+async def keep_model_lists(client: httpx.AsyncClient, settings: Settings, stale: asyncio.Event) -> None:
+    """Learn which models each server of a backend with several servers lists, at start, every
+    MODELS_REFRESH seconds, and soon after a 404 (`stale`), so that requests go to a server that
+    has their model. A backend with one server is never asked unprompted."""
+    servers = [(backend, server) for backend in settings.backends.values() if len(backend.servers) > 1
+               for server in backend.servers]
+    if not servers:
+        return
+
+    async def learn(backend: Backend, server: Server) -> None:
+        headers = [(b"accept-encoding", b"identity"), (b"via", settings.via)]
+        if backend.api_key:
+            headers.append((b"authorization", b"Bearer " + backend.api_key.encode()))
+        request = httpx.Request("GET", parsed_url(server.url + "/models"), headers=headers)
+        try:
+            models = await fetch_model_list(client, request, settings.models_timeout)
+            server.models = frozenset(model["id"] for model in models)
+        except ModelListUnusable as exc:
+            logger.debug("models of backend %s at %s not learnt: %s", backend.name, server.safe_url, exc)
+
+    while True:
+        await asyncio.gather(*(learn(backend, server) for backend, server in servers))
+        await asyncio.sleep(MODELS_REFRESH_GAP)
+        stale.clear()
+        with suppress(TimeoutError):
+            async with asyncio.timeout(MODELS_REFRESH - MODELS_REFRESH_GAP):
+                await stale.wait()
 
 
 MAX_MODELS_ANSWER = 16 * 1024 * 1024  # model lists run to kilobytes; this leaves room for the longest
@@ -1143,17 +1460,23 @@ class UnreadableAnswer(Exception):
     """A backend's answer to the gateway's own GET /models that it cannot hold or read."""
 
 
-async def fetch_models(request: Request, backend: Backend, url: str) -> tuple[httpx.Response, bytes]:
-    """A backend's answer to the gateway's own GET of `url` (/models or /models/{model}), read whole
-    within MODELS_TIMEOUT and never past MAX_MODELS_ANSWER, before or after decoding: the gateway
-    holds it in memory, and a broken backend may never end it or send a small gzip that inflates
-    to gigabytes. It asks for the answer uncompressed, whatever the client accepts."""
-    settings: Settings = request.app.state.settings
-    client: httpx.AsyncClient = request.app.state.client
+def models_headers(request: Request, backend: Backend, settings: Settings) -> list[tuple[bytes, bytes]]:
+    """The headers of the gateway's own GET /models for a client: the answer is asked for
+    uncompressed, whatever the client accepts, since the gateway reads it."""
     headers = [(n, v) for n, v in upstream_headers(request, backend, settings) if n != b"accept-encoding"]
     headers.append((b"accept-encoding", b"identity"))
-    async with asyncio.timeout(settings.models_timeout):
-        response = await client.send(upstream_request("GET", url, request, headers), stream=True)
+    return headers
+
+
+async def fetch_models(
+    client: httpx.AsyncClient, request: httpx.Request, timeout: float
+) -> tuple[httpx.Response, bytes]:
+    """A backend's answer to the gateway's own GET /models or /models/{model}, read whole within
+    `timeout` (MODELS_TIMEOUT) and never past MAX_MODELS_ANSWER, before or after decoding: the
+    gateway holds it in memory, and a broken backend may never end it, or send a small gzip that
+    inflates to gigabytes."""
+    async with asyncio.timeout(timeout):
+        response = await client.send(request, stream=True)
         try:
             body = bytearray()
             async for chunk in response.aiter_raw():
@@ -1190,18 +1513,25 @@ async def retrieve_model(request: Request) -> Response:
     if not raw_path.startswith(b"/v1/models/") or _DOT_SEGMENT.search(raw_path):
         raise invalid_path()
     asked = request.path_params["model"]  # decoded: the SDK sends `org/model` as `org%2Fmodel`
+    if asked in settings.aliases:
+        return Response(JSON_ENCODER.encode(alias_model(asked)), media_type="application/json")
     backend, model = route_model(asked, settings)
     # The upstream model as sent, byte for byte: decoding to text would turn `%FF` into U+FFFD.
     sent = unquote_to_bytes(raw_path[len(b"/v1/models/"):])[len(asked) - len(model):]
     if _names_another_path(sent):
         raise GatewayError(
             400, f"model {escape(asked)!r} names a path, not a model ('.' or '..' between slashes, or NUL); send a "
-            f"model name, like {_choices(settings)}", param="model", code="invalid_path",
+            f"model name, like {_choices(settings.backends)}", param="model", code="invalid_path",
         )
     request.state.backend, request.state.model = backend.name, model
-    url = backend.base_url + "/models/" + quote(sent, safe="")
+    server = pick_server(backend, model, set(), asyncio.get_running_loop().time())
+    assert server is not None
+    url = server.url + "/models/" + quote(sent, safe="")
+    lookup = upstream_request("GET", url, request, models_headers(request, backend, settings))
     try:
-        response, body = await unless_client_leaves(request, fetch_models(request, backend, url))
+        response, body = await unless_client_leaves(
+            request, fetch_models(request.app.state.client, lookup, settings.models_timeout)
+        )
     except (httpx.HTTPError, TimeoutError, UnreadableAnswer) as exc:
         raise upstream_failure(exc, backend, parsed_url(url)) from None
     if response.status_code == 200:
@@ -1308,10 +1638,11 @@ class AccessLog:
                 status = 499 if state.get("outcome") == "client disconnected" else 500
             if logger.isEnabledFor(logging.INFO):  # spare the escaping when nobody reads the line
                 logger.info(
-                    "%s %s backend=%s model=%s status=%d ttfb_ms=%.1f total_ms=%.1f bytes=%d%s",
+                    "%s %s backend=%s model=%s status=%d ttfb_ms=%.1f total_ms=%.1f bytes=%d%s%s",
                     scope["method"], escape(scope["path"]), state.get("backend", "-"),
                     escape(state.get("model", "-")[:MAX_MODEL_NAME]),
                     status, ttfb * 1000, (ended - started) * 1000, sent,
+                    f" attempts=[{escape(state['attempts'])}]" if "attempts" in state else "",
                     f" ({state['outcome']})" if "outcome" in state else "",
                 )
 
@@ -1379,8 +1710,13 @@ def create_app(settings: Settings) -> Starlette:
         plain_http = Http11Transport(settings.max_connections, KEEPALIVE_EXPIRY)
         async with UpstreamClient(plain_http, timeout=timeout, limits=limits) as client:
             app.state.client = client
+            app.state.models_stale = asyncio.Event()
+            learning = asyncio.create_task(keep_model_lists(client, settings, app.state.models_stale))
             settle_memory()
-            yield
+            try:
+                yield
+            finally:
+                learning.cancel()
 
     app = Starlette(
         routes=[
@@ -1729,7 +2065,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="processes to serve with; about one per core")
     args = parser.parse_args(argv)
     for backend in SETTINGS.backends.values():
-        if points_at(backend.base_url, args.host, args.port):
+        if any(points_at(server.url, args.host, args.port) for server in backend.servers):
             logger.warning(
                 "backend %s at %s points at this gateway itself: its requests will loop (and get 508)",
                 backend.name, backend.safe_url,

@@ -439,14 +439,14 @@ def run_python(code: str, cwd: Path, env: dict[str, str] | None = None) -> str:
 
 def test_dotenv_file_in_working_directory_is_read(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("OLLAMA_BASE_URL=http://ollama.lan:11434\n")
-    out = run_python("import gateway; print(gateway.SETTINGS.backends['ollama'].base_url)", tmp_path)
+    out = run_python("import gateway; print(gateway.SETTINGS.backends['ollama'].servers[0].url)", tmp_path)
     assert out == "http://ollama.lan:11434/v1"
 
 
 def test_dotenv_file_does_not_override_the_environment(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("OLLAMA_BASE_URL=http://from-dotenv:11434\n")
     out = run_python(
-        "import gateway; print(gateway.SETTINGS.backends['ollama'].base_url)", tmp_path,
+        "import gateway; print(gateway.SETTINGS.backends['ollama'].servers[0].url)", tmp_path,
         {"OLLAMA_BASE_URL": "http://from-env:11434"},
     )
     assert out == "http://from-env:11434/v1"
@@ -659,11 +659,11 @@ def test_backend_url_with_a_password_and_a_key_too_is_refused_at_start() -> None
 
 @pytest.mark.parametrize("url", ["http://box:11434", "http://box:11434/", "http://box:11434/v1", "http://box:11434/v1/"])
 def test_ollama_base_url_works_with_or_without_v1(url: str) -> None:
-    assert settings(OLLAMA_BASE_URL=url).backends["ollama"].base_url == "http://box:11434/v1"
+    assert settings(OLLAMA_BASE_URL=url).backends["ollama"].servers[0].url == "http://box:11434/v1"
 
 
 def test_openai_base_url_defaults_to_api_openai_com() -> None:
-    assert settings().backends["openai"].base_url == "https://api.openai.com/v1"
+    assert settings().backends["openai"].servers[0].url == "https://api.openai.com/v1"
 
 
 def test_empty_default_backend_refuses_unprefixed_models_and_lists_backends() -> None:
@@ -731,7 +731,7 @@ def test_a_backend_name_is_the_model_prefix_as_written() -> None:
 
 
 def test_an_ollama_entry_in_backends_gets_v1_like_ollama_base_url() -> None:
-    assert settings(BACKENDS="ollama=http://gpu:11434").backends["ollama"].base_url == "http://gpu:11434/v1"
+    assert settings(BACKENDS="ollama=http://gpu:11434").backends["ollama"].servers[0].url == "http://gpu:11434/v1"
 
 
 def test_upstream_url_is_base_url_plus_path_after_v1(upstream: Upstream, gateway_with: Callable[..., str]) -> None:
