@@ -368,9 +368,10 @@ COOLDOWN_FIRST, COOLDOWN_MAX = 5.0, 60.0
 
 def pick_server(backend: Backend, model: str, tried: set[Server], now: float) -> Server | None:
     """The server of `backend` for a request for `model`, among those this request has not tried:
-    of the servers not ejected that serve the model (or all not ejected, when none lists it), the
-    one with the fewest requests in flight, then the one that served the model last, its weights
-    likely still loaded. When every one is ejected, the one whose cooldown ends first."""
+    a server back from its cooldown first, for one request to try it again; else, of the servers
+    not ejected that serve the model (or all not ejected, when none lists it), the one with the
+    fewest requests in flight, then the one that served the model last, its weights likely still
+    loaded. When every one is ejected, the one whose cooldown ends first."""
     servers = backend.servers
     if len(servers) == 1:
         return None if servers[0] in tried else servers[0]
@@ -380,6 +381,8 @@ def pick_server(backend: Backend, model: str, tried: set[Server], now: float) ->
     ready = [server for server in fresh if server.ejected_until <= now and not server.on_trial]
     if not ready:
         return min(fresh, key=lambda server: server.ejected_until)
+    if returning := [server for server in ready if server.failures]:
+        return returning[0]
     serving = [server for server in ready if server.models is None or model in server.models] or ready
     return min(serving, key=lambda server: (server.in_flight, -server.served.get(model, -1.0)))
 

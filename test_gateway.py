@@ -1825,6 +1825,286 @@ def test_no_key_or_message_content_reaches_a_log_line_or_error_body(
 
 
 # ---------------------------------------------------------------------------------------------
+# 8. Names: aliases and fallback chains
+# ---------------------------------------------------------------------------------------------
+
+
+def targets_of(model: str, **env: str) -> list[str]:
+    return [target.name for target in gateway.route(model, settings(**env))]
+
+
+def test_an_alias_names_its_target() -> None:
+    assert targets_of("gpt-4o-mini", ALIASES="gpt-4o-mini=ollama:qwen2.5:7b") == ["ollama:qwen2.5:7b"]
+
+
+def test_an_exact_alias_beats_a_pattern_and_a_longer_pattern_a_shorter() -> None:
+    aliases = "gpt-4o*=ollama:a,gpt-4o-mini*=ollama:b,gpt-4o-mini=ollama:c"
+    assert targets_of("gpt-4o-mini", ALIASES=aliases) == ["ollama:c"]
+    assert targets_of("gpt-4o-mini-2024", ALIASES=aliases) == ["ollama:b"]
+    assert targets_of("gpt-4o", ALIASES=aliases) == ["ollama:a"]
+    assert targets_of("gpt-4", ALIASES=aliases) == ["openai:gpt-4"]
+
+
+def test_an_aliases_target_is_not_looked_up_again() -> None:
+    assert targets_of("a", ALIASES="a=b,b=ollama:c") == ["openai:b"]
+
+
+def test_a_chain_from_an_alias_or_from_the_client_keeps_its_order() -> None:
+    assert targets_of("smart", ALIASES="smart=openai:gpt-4.1-mini|ollama:qwen2.5") == ["openai:gpt-4.1-mini",
+                                                                                       "ollama:qwen2.5"]
+    assert targets_of("ollama:a|openai:b") == ["ollama:a", "openai:b"]
+
+
+@pytest.mark.parametrize("aliases", ["nameonly", "=ollama:a", "a*b=ollama:c", "a=ollama:", "a=ollama:x||ollama:y",
+                                     "a=" + "|".join(["ollama:m"] * 9)])
+def test_a_bad_aliases_value_stops_the_gateway_naming_the_entry(aliases: str) -> None:
+    with pytest.raises(gateway.ConfigError, match="ALIASES"):
+        settings(ALIASES=f"ok=ollama:m,{aliases}")
+
+
+def test_an_alias_without_a_backend_needs_a_default_backend() -> None:
+    with pytest.raises(gateway.ConfigError, match="'a=qwen'"):
+        settings(ALIASES="a=qwen", DEFAULT_BACKEND="")
+
+
+def test_a_chain_of_more_than_eight_models_is_refused(gw: str) -> None:
+    response = post(gw, json={"model": "|".join(["fake:m"] * 9), "messages": []})
+    assert response.status_code == 400 and "at most 8" in error_of(response)["message"]
+
+
+@pytest.fixture
+def second() -> Iterator[Upstream]:
+    """A second real upstream, for a second backend or a second server."""
+    fake = Upstream()
+    with serve(fake) as url:
+        fake.url = url
+        yield fake
+
+
+def test_an_alias_reaches_its_target_and_the_answer_names_it(upstream: Upstream, gateway_with: Callable) -> None:
+    gw = gateway_with(ALIASES="gpt-4o-mini=fake:qwen2.5:7b")
+    response = sdk(gw).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=[])
+    assert upstream.last.json()["model"] == "qwen2.5:7b"
+    assert response.headers["x-gateway-backend"] == "fake" and response.headers["x-gateway-model"] == "fake:qwen2.5:7b"
+
+
+def test_a_chain_moves_on_when_its_first_backend_cannot_be_reached(
+    upstream: Upstream, gateway_with: Callable, access_log: Callable[[], list[str]]
+) -> None:
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1,dead={dead_url()}", ALIASES="smart=dead:big|fake:small")
+    response = post(gw, json={"model": "smart", "messages": []})
+    assert response.status_code == 200 and response.headers["x-gateway-model"] == "fake:small"
+    assert upstream.last.json()["model"] == "small"
+    line = eventually(access_log)[-1]
+    assert "backend=fake model=small status=200" in line and "dead:big@" in line and "=ConnectError" in line
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_a_chain_moves_on_when_its_first_backend_answers_that_it_cannot_serve(
+    upstream: Upstream, second: Upstream, gateway_with: Callable, status: int
+) -> None:
+    upstream.handler = answer(status, b'{"error": {"message": "busy"}}', [("content-type", "application/json")])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1,other={second.url}/v1")
+    response = post(gw, json={"model": "fake:big|other:small", "messages": []})
+    assert response.status_code == 200 and response.headers["x-gateway-backend"] == "other"
+    assert second.last.json()["model"] == "small"
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422])
+def test_a_chain_stops_at_an_answer_that_is_the_clients_to_fix(
+    upstream: Upstream, second: Upstream, gateway_with: Callable, status: int
+) -> None:
+    upstream.handler = answer(status, b'{"error": {"message": "no"}}', [("content-type", "application/json")])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1,other={second.url}/v1")
+    response = post(gw, json={"model": "fake:big|other:small", "messages": []})
+    assert response.status_code == status and second.requests == []
+
+
+def test_when_every_target_fails_the_client_gets_the_last_answer_and_its_sdk_does_not_retry(
+    upstream: Upstream, second: Upstream, gateway_with: Callable
+) -> None:
+    upstream.handler = answer(503, b'{"error": {"message": "first"}}', [("content-type", "application/json")])
+    second.handler = answer(429, b'{"error": {"message": "second"}}', [("content-type", "application/json")])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1,other={second.url}/v1")
+    client = openai.OpenAI(base_url=gw + "/v1", api_key="sk", max_retries=2, timeout=10)
+    with pytest.raises(openai.RateLimitError, match="second"):
+        client.chat.completions.create(model="fake:a|other:b", messages=[])
+    assert len(upstream.requests) == 1 and len(second.requests) == 1
+
+
+def test_when_every_target_is_unreachable_the_client_gets_the_gateways_502(gateway_with: Callable) -> None:
+    gw = gateway_with(BACKENDS=f"fake={dead_url()},two={dead_url()}")
+    response = post(gw, json={"model": "fake:a|two:b", "messages": []})
+    assert response.status_code == 502 and "'two'" in error_of(response)["message"]
+    assert response.headers["x-should-retry"] == "false"
+
+
+def test_a_chain_never_moves_on_once_the_answer_has_begun(upstream: Upstream, second: Upstream,
+                                                          gateway_with: Callable) -> None:
+    upstream.handler = upstream.stream_one_event_then_hold
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1,other={second.url}/v1", READ_TIMEOUT="0.5")
+    with pytest.raises(httpx.RemoteProtocolError):
+        post(gw, json={"model": "fake:a|other:b", "messages": [], "stream": True})
+    assert second.requests == []
+
+
+def test_each_attempt_gets_the_body_and_key_of_its_own_target(
+    upstream: Upstream, second: Upstream, gateway_with: Callable
+) -> None:
+    upstream.handler = answer(503, b"{}", [("content-type", "application/json")])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1", OLLAMA_BASE_URL=second.url, FAKE_API_KEY="sk-fake",
+                      OLLAMA_API_KEY="sk-ollama", DEFAULT_MAX_TOKENS="64")
+    assert post(gw, json={"model": "fake:a|ollama:b", "messages": [], "max_completion_tokens": 5}).status_code == 200
+    assert upstream.last.json()["model"] == "a" and upstream.last.json()["max_completion_tokens"] == 5
+    assert upstream.last.header("authorization") == "Bearer sk-fake"
+    assert second.last.json() == {"model": "b", "messages": [], "max_tokens": 5}
+    assert second.last.header("authorization") == "Bearer sk-ollama"
+
+
+def test_a_clients_max_completion_tokens_reaches_ollama_as_max_tokens(second: Upstream, gateway_with: Callable) -> None:
+    gw = gateway_with(OLLAMA_BASE_URL=second.url)
+    assert post(gw, json={"model": "ollama:qwen", "messages": [], "max_completion_tokens": 10}).status_code == 200
+    assert second.last.json() == {"model": "qwen", "messages": [], "max_tokens": 10}
+
+
+def test_aliases_are_listed_and_retrieved_as_models_of_the_gateway(upstream: Upstream, gateway_with: Callable) -> None:
+    upstream.handler = models_upstream(["m1"])
+    gw = gateway_with(ALIASES="gpt-4o-mini=fake:m1,claude-*=fake:m1")
+    client = sdk(gw)
+    listed = {model.id: model.owned_by for model in client.models.list()}
+    assert listed == {"fake:m1": "me", "gpt-4o-mini": "llm-gateway"}
+    assert client.models.retrieve("gpt-4o-mini").owned_by == "llm-gateway"
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Several servers for one backend
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hold:
+    """A handler that holds every chat request until released, so that what is in flight can be seen."""
+
+    held: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
+
+    async def __call__(self, seen: Seen, receive: Any, send: Any) -> None:
+        if seen.method == "GET":  # no model list: it serves every model
+            return await answer(404, b"{}")(seen, receive, send)
+        self.held += 1
+        while not self.release.is_set():
+            await asyncio.sleep(0.005)
+        await echo_completion(seen, receive, send)
+
+
+def posts(upstream: Upstream) -> list[Seen]:
+    return [seen for seen in upstream.requests if seen.method == "POST"]
+
+
+def test_concurrent_requests_go_to_the_server_with_the_fewest_in_flight(
+    upstream: Upstream, second: Upstream, gateway_with: Callable
+) -> None:
+    upstream.handler, second.handler = Hold(), Hold()
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1|{second.url}/v1")
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(post, gw) for _ in range(6)]
+        eventually(lambda: upstream.handler.held + second.handler.held == 6)
+        assert (upstream.handler.held, second.handler.held) == (3, 3)
+        upstream.handler.release.set(), second.handler.release.set()
+        assert [future.result().status_code for future in futures] == [200] * 6
+
+
+def test_among_idle_servers_a_request_goes_to_the_one_that_last_served_its_model(
+    upstream: Upstream, second: Upstream, gateway_with: Callable
+) -> None:
+    upstream.handler = Hold()
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1|{second.url}/v1")
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(post, gw, json={"model": "fake:x", "messages": []})
+        eventually(lambda: upstream.handler.held == 1)
+        assert post(gw, json={"model": "fake:a", "messages": []}).status_code == 200  # the idle one: second
+        upstream.handler.release.set()
+        assert held.result().status_code == 200
+    for _ in range(3):  # both idle now: the one with model a loaded
+        assert post(gw, json={"model": "fake:a", "messages": []}).status_code == 200
+    assert [seen.json()["model"] for seen in posts(second)] == ["a"] * 4
+
+
+def test_a_request_goes_to_a_server_that_lists_its_model(upstream: Upstream, second: Upstream,
+                                                         gateway_with: Callable) -> None:
+    upstream.handler, second.handler = models_upstream(["llama"]), models_upstream(["qwen"])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1|{second.url}/v1")
+    eventually(lambda: upstream.requests and second.requests)  # the lists are learnt at start
+    time.sleep(0.1)
+    for _ in range(4):
+        post(gw, json={"model": "fake:qwen", "messages": []})
+    assert len(posts(second)) == 4 and posts(upstream) == []
+
+
+def test_the_model_list_names_a_backends_models_once_across_its_servers(
+    upstream: Upstream, second: Upstream, gateway_with: Callable
+) -> None:
+    upstream.handler, second.handler = models_upstream(["llama", "qwen"]), models_upstream(["qwen", "phi"])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1|{second.url}/v1")
+    assert sorted(model.id for model in sdk(gw).models.list()) == ["fake:llama", "fake:phi", "fake:qwen"]
+
+
+def test_a_server_that_cannot_be_reached_is_ejected_and_its_requests_go_to_the_other(
+    upstream: Upstream, gateway_with: Callable, access_log: Callable[[], list[str]]
+) -> None:
+    dead = dead_url()
+    gw = gateway_with(BACKENDS=f"fake={dead}|{upstream.url}/v1")
+    assert [post(gw).status_code for _ in range(6)] == [200] * 6
+    assert len(posts(upstream)) == 6
+    tried_dead = [line for line in access_log() if dead.removesuffix("/v1") in line]
+    assert len(tried_dead) <= 1  # once, then left out for its cooldown
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_a_server_that_answers_it_is_failing_is_ejected(upstream: Upstream, second: Upstream,
+                                                        gateway_with: Callable, status: int) -> None:
+    upstream.handler = answer(status, b"{}", [("content-type", "application/json")])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1|{second.url}/v1")
+    assert [post(gw).status_code for _ in range(5)] == [200] * 5
+    assert len(posts(upstream)) <= 1 and len(posts(second)) == 5
+
+
+def test_an_ejected_server_is_tried_again_after_its_cooldown(
+    upstream: Upstream, second: Upstream, gateway_with: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway, "COOLDOWN_FIRST", 0.2)
+    upstream.handler = answer(503, b"{}", [("content-type", "application/json")])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1|{second.url}/v1")
+    while not posts(upstream):
+        assert post(gw).status_code == 200
+    upstream.handler = echo_completion  # back up
+    time.sleep(0.3)
+    for _ in range(4):
+        assert post(gw).status_code == 200
+    assert len(posts(upstream)) >= 2
+
+
+def test_when_every_server_is_ejected_one_is_still_tried(upstream: Upstream, second: Upstream,
+                                                        gateway_with: Callable) -> None:
+    upstream.handler = second.handler = answer(503, b"{}", [("content-type", "application/json")])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1|{second.url}/v1")
+    assert post(gw).status_code == 503  # both tried, both ejected
+    upstream.handler = echo_completion
+    second.handler = echo_completion
+    assert post(gw).status_code == 200
+
+
+def test_a_server_that_fails_hands_its_request_to_the_next_server_then_the_chain(
+    upstream: Upstream, second: Upstream, gateway_with: Callable
+) -> None:
+    upstream.handler = answer(503, b"{}", [("content-type", "application/json")])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1|{dead_url()},other={second.url}/v1")
+    response = post(gw, json={"model": "fake:a|other:b", "messages": []})
+    assert response.status_code == 200 and response.headers["x-gateway-model"] == "other:b"
+    assert len(posts(upstream)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # 6. Errors
 # ---------------------------------------------------------------------------------------------
 
