@@ -1796,11 +1796,14 @@ class ClientConnection(HttpToolsProtocol):
     message_ended = False  # a request ended in the current read
     read_size = 0  # bytes in the current read
     head_bytes = 0  # of the head still arriving, counted per read
+    head_unsure = False  # part of it came in a read that was not counted
     body_heard = 0.0  # loop time of the last read while a body was arriving
     closing = False  # answered for the last time: what the client still sends is dropped
+    refusal = b""  # the connection's own answer, written when it closes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)  # `5 ;x=1`: RFC 9112 7.1.1
         self.arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1811,7 +1814,6 @@ class ClientConnection(HttpToolsProtocol):
         if self.closing:
             return
         self._unset_keepalive_if_required()
-        head_went_on = self.in_head
         self.message_ended, self.read_size = False, len(data)
         try:
             self.parser.feed_data(data)
@@ -1827,8 +1829,9 @@ class ClientConnection(HttpToolsProtocol):
                 self.malformed()
             return
         if self.in_head:
-            # A head that began after a request ended in this read is counted from the next read on.
-            if head_went_on or not self.message_ended:
+            if self.message_ended:  # it began after a request ended in this read: counted from the next read on
+                self.head_unsure = True
+            else:
                 self.head_bytes += len(data)
             if self.head_bytes > MAX_REQUEST_HEAD:
                 self.refuse(431, f"request head larger than {MAX_REQUEST_HEAD} bytes; send fewer, shorter headers")
@@ -1847,13 +1850,13 @@ class ClientConnection(HttpToolsProtocol):
         self.in_head = self.in_message = True
 
     def on_headers_complete(self) -> None:
-        could_be_over = self.head_bytes + self.read_size > MAX_REQUEST_HEAD  # else the reads hold less
-        self.in_head, self.head_bytes = False, 0
+        could_be_over = self.head_unsure or self.head_bytes + self.read_size > MAX_REQUEST_HEAD  # else reads hold less
         if could_be_over and len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > MAX_REQUEST_HEAD:
             raise Refusal(431, f"request head larger than {MAX_REQUEST_HEAD} bytes; send fewer, shorter headers")
-        super().on_headers_complete()
-        if self.scope["http_version"] == "1.0":
-            self.framing(self.cycle)
+        super().on_headers_complete()  # raises for a request target it cannot parse: the head stays unfinished
+        self.in_head, self.head_bytes, self.head_unsure = False, 0, False
+        if self.scope["http_version"] == "1.0":  # no 1xx and no chunks for it (RFC 9110 15.2, RFC 9112 6.1)
+            self.framing(self.cycle).waiting_for_100_continue = False
 
     def framing(self, cycle: RequestResponseCycle) -> ClientCycle:
         """`cycle` made a ClientCycle, which frames its answer by the rules below. uvicorn builds the
@@ -1872,15 +1875,19 @@ class ClientConnection(HttpToolsProtocol):
         """Bytes the parser refuses: a 400 in OpenAI's shape, from the app when it is reading the body
         they broke, else from the connection."""
         message = "the request is not valid HTTP/1.1 (its head, or the framing of its body); check what the client sends"
-        cycle = self.cycle
-        if self.in_message and not self.in_head and not cycle.response_started:
-            self.framing(cycle)
-            self.closing = True  # the parser is done for: nothing more is read
-            self.disarm()
+        if not self.in_message or self.in_head:
+            self.refuse(400, message)
+            return
+        cycle = self.framing(self.cycle)  # the request whose body broke
+        self.closing = True  # the parser is done for: nothing more is read
+        self.disarm()
+        if not cycle.response_started:
             cycle.scope["state"][BODY_FAILED] = GatewayError(400, message, headers={"connection": "close"})
             cycle.message_event.set()  # the app's receive() returns, and read_body raises it
+        elif cycle.response_complete:
+            self.linger()
         else:
-            self.refuse(400, message)
+            cycle.lingers = True  # answered already: that answer ends, then the connection closes
 
     def arm(self) -> None:
         if self.timer is None:
@@ -1919,22 +1926,25 @@ class ClientConnection(HttpToolsProtocol):
         if self.closing or self.transport.is_closing():
             return
         logger.info("request refused: status=%d (%s)", status, message)
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.closing = True
-            self.framing(self.cycle).lingers = True
-            return
         response = GatewayError(status, message, headers={"connection": "close"}).response()
         head = b"".join(b"%s: %s\r\n" % header for header in response.raw_headers)
         phrase = HTTPStatus(status).phrase.encode()
-        self.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (status, phrase, head, response.body))
+        self.refusal = b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (status, phrase, head, response.body)
+        if self.cycle is not None and not self.cycle.response_complete:  # an earlier request's answer is due first
+            self.closing = True
+            self.framing(self.cycle).lingers = True
+            return
         self.linger()
 
     def linger(self) -> None:
-        """Stop answering: read and drop what comes for LINGER seconds, then close."""
+        """Stop answering, but for a refusal of the connection's own: read and drop what comes for
+        LINGER seconds, then close."""
         self.closing = True
         self.disarm()
         self._unset_keepalive_if_required()
         self.pipeline.clear()
+        if self.refusal:
+            self.transport.write(self.refusal)
         if self.transport.can_write_eof():  # not over TLS
             self.transport.write_eof()
         self.loop.call_later(LINGER, self.transport.close)
@@ -1988,7 +1998,7 @@ INTERNALS: dict[type, tuple[str, ...]] = {
     ),
     RequestResponseCycle: (
         "send()", "scope", "more_body", "response_started", "response_complete", "message_event", "keep_alive",
-        "chunked_encoding", "expected_content_length",
+        "chunked_encoding", "expected_content_length", "waiting_for_100_continue",
     ),
     FlowControl: ("read_paused",),
     httpx.AsyncClient: ("_transport_for_url()",),
