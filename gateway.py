@@ -1245,6 +1245,8 @@ class Relay:
         while True:
             attempt.server.in_flight += 1
             state["backend"], state["model"] = attempt.target.backend.name, attempt.target.model
+            if len(attempt.target.backend.servers) > 1:
+                state["server"] = attempt.server.safe_url
             try:
                 response = await self.client.send(attempt.request, stream=True)
             except httpx.HTTPError as exc:
@@ -1641,8 +1643,9 @@ class AccessLog:
                 status = 499 if state.get("outcome") == "client disconnected" else 500
             if logger.isEnabledFor(logging.INFO):  # spare the escaping when nobody reads the line
                 logger.info(
-                    "%s %s backend=%s model=%s status=%d ttfb_ms=%.1f total_ms=%.1f bytes=%d%s%s",
+                    "%s %s backend=%s%s model=%s status=%d ttfb_ms=%.1f total_ms=%.1f bytes=%d%s%s",
                     scope["method"], escape(scope["path"]), state.get("backend", "-"),
+                    f" server={state['server']}" if "server" in state else "",
                     escape(state.get("model", "-")[:MAX_MODEL_NAME]),
                     status, ttfb * 1000, (ended - started) * 1000, sent,
                     f" attempts=[{escape(state['attempts'])}]" if "attempts" in state else "",

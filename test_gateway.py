@@ -3318,3 +3318,80 @@ def test_e2e_invalid_json_is_the_servers_only_text_500(e2e_route: E2ERoute) -> N
         via = client.post(e2e_route.base_url + "/chat/completions", content=bad, headers=headers)
     assert 400 <= via.status_code < 500 and via.headers["content-type"].startswith("application/json")
     assert "error" in via.json()
+
+
+# --- routing: two real servers as one backend, and a chain whose first target is dead ----------
+
+
+@pytest.fixture(scope="module")
+def e2e_routing(e2e_servers: E2EServers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, E2EProcess,
+                                                                                                  E2EProcess]]:
+    """A gateway whose backend `pair` has two servers: the session's chat server, and a third
+    llama.cpp server started here, to be killed; and an alias `smart` whose chain starts at a dead
+    URL. Yields the gateway's URL (no /v1), the third server, and the gateway process (its log)."""
+    if _e2e_direct_mode():
+        pytest.skip("routing is the gateway's own")
+    logs = tmp_path_factory.mktemp("e2e-routing")
+    port = _e2e_free_port()
+    third = _e2e_spawn("llama.cpp third server", [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(_e2e_gguf()), "--model_alias", E2E_MODEL,
+        "--chat_format", "gemma", "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(port),
+        "--interrupt_requests", "false"], logs / "third.log", port)
+    gw_port = _e2e_free_port()
+    env = {**os.environ, "BACKENDS": f"pair={e2e_servers.chat.url}/v1|{third.url}/v1,dead={dead_url()}",
+           "ALIASES": f"smart=dead:{E2E_MODEL}|pair:{E2E_MODEL}", "DEFAULT_BACKEND": "", "LOG_LEVEL": "info",
+           "OPENAI_BASE_URL": dead_url(), "OLLAMA_BASE_URL": dead_url(), "GATEWAY_API_KEYS": ""}
+    gw = _e2e_spawn("gateway", [sys.executable, "gateway.py", "--port", str(gw_port)], logs / "gateway.log", gw_port,
+                    cwd=ROOT, env=env)
+    try:
+        _e2e_wait_ready(third, "/v1/models", E2E_STARTUP_TIMEOUT)
+        _e2e_wait_ready(gw, "/health", 30.0)
+        yield gw.url, third, gw
+    except _E2EStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    finally:
+        gw.stop()
+        third.stop()
+
+
+def _e2e_servers_used(gw: E2EProcess, since: int) -> list[str]:
+    return re.findall(r"backend=pair server=(\S+)", gw.log_since(since))
+
+
+@pytest.mark.e2e
+def test_e2e_concurrent_requests_spread_across_two_servers_of_one_backend(e2e_routing: tuple) -> None:
+    url, third, gw = e2e_routing
+    since = gw.log_size()
+    sdk = _e2e_sdk(url + "/v1")
+
+    def chat() -> str:
+        r = sdk.chat.completions.create(model=f"pair:{E2E_MODEL}", messages=[{"role": "user", "content": "Hi"}],
+                                        max_tokens=24, temperature=0, logit_bias=E2E_NO_EOS)
+        return r.choices[0].finish_reason
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda _: chat(), range(4))) == ["length"] * 4
+    used = eventually(lambda: len(_e2e_servers_used(gw, since)) == 4 and _e2e_servers_used(gw, since), timeout=10)
+    assert len(set(used)) == 2 and f"{third.url}/v1" in used  # both servers answered
+
+
+@pytest.mark.e2e
+def test_e2e_a_chain_whose_first_target_is_dead_answers_from_the_real_server(e2e_routing: tuple) -> None:
+    url, _, _ = e2e_routing
+    with _e2e_http() as client:
+        r = client.post(url + "/v1/chat/completions", json=_e2e_chat_body("smart"))
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    assert r.headers["x-gateway-model"] == f"pair:{E2E_MODEL}"
+
+
+@pytest.mark.e2e
+def test_e2e_a_killed_servers_requests_go_to_the_other(e2e_routing: tuple) -> None:
+    url, third, gw = e2e_routing
+    third.stop()
+    since = gw.log_size()
+    with _e2e_http() as client:
+        statuses = [client.post(url + "/v1/chat/completions", json=_e2e_chat_body(f"pair:{E2E_MODEL}")).status_code
+                    for _ in range(4)]
+    assert statuses == [200] * 4
+    log = eventually(lambda: gw.log_since(since).count("status=200") == 4 and gw.log_since(since), timeout=10)
+    assert log.count(f"{third.url}/v1=ConnectError") <= 1  # tried once, then left out for its cooldown
