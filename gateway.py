@@ -1258,8 +1258,9 @@ class Relay:
                     if len(self.plan.attempts) > 1:
                         error.headers["x-should-retry"] = "false"
                     raise error from None
-            except BaseException:
+            except BaseException:  # the client left, or the gateway is stopping: no verdict on the server
                 attempt.server.in_flight -= 1
+                attempt.server.on_trial = False
                 raise
             else:
                 status = response.status_code
