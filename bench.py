@@ -176,6 +176,8 @@ SLOW_STREAM_REQUEST = _chat_request(stream=True, content=f"{SLOW_MARKER} hold th
 AT_ONCE_STREAM_REQUEST = _chat_request(stream=True, content=f"{AT_ONCE_MARKER} the whole answer in one write")
 BIG_REQUEST = _big_request()
 
+_MODELS_ANSWER = _compact({"object": "list", "data": [
+    {"id": "gpt-bench", "object": "model", "created": 1700000000, "owned_by": "bench"}]})
 _JSON_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(JSON_ANSWER)) + JSON_ANSWER
 _SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -328,8 +330,11 @@ def fd_kinds(root: int) -> dict[str, int]:
 # --------------------------------------------------------------------------
 
 class _UpstreamStats:
-    def __init__(self) -> None:
+    def __init__(self, listeners: int = 1) -> None:
         self.requests = 0
+        # per listening port: the split of the load over the servers of a several-server backend
+        self.requests_by_listener = [0] * listeners
+        self.connections_by_listener = [0] * listeners
         self.streams_started = 0
         self.streams_completed = 0
         self.streams_cancelled = 0   # peer closed the connection before the stream ended
@@ -344,6 +349,9 @@ class UpstreamOptions:
     events_per_write: int = 1         # SSE events per write (1 = each event its own send())
     slow_gap: float = 1.0             # seconds between events of a SLOW_MARKER stream
     idle_timeout: float | None = None  # close keep-alive connections idle this long; None = never
+    # ports served by the one upstream process: the first is "the" upstream, all of them together
+    # the servers of a several-server backend (servers3_c64); they share the process, hence its CPU
+    listeners: int = 3
 
     def frames(self) -> list[bytes]:
         """The SSE body as written: one chunked-encoding frame per write."""
@@ -360,7 +368,7 @@ class FakeUpstream:
         self.sse_frames = options.frames()
         self.idle_timeout = options.idle_timeout
         self.conns: set[_UpstreamConn] = set()
-        self.stats = _UpstreamStats()
+        self.stats = _UpstreamStats(options.listeners)
 
     def stats_json(self, exclude: _UpstreamConn) -> bytes:
         data = dict(vars(self.stats))
@@ -383,11 +391,13 @@ class FakeUpstream:
 class _UpstreamConn(asyncio.Protocol):
     """One upstream connection: parse requests, answer with canned bytes."""
 
-    def __init__(self, server: FakeUpstream) -> None:
+    def __init__(self, server: FakeUpstream, listener: int = 0) -> None:
         self.server = server
+        self.listener = listener    # which of the upstream's ports this connection came in on
         self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
         self.head = b""         # first and last bytes of the request body: enough to classify it
         self.tail = b""
         self.stream_pos: int | None = None     # next SSE frame to write, None when not streaming
@@ -403,6 +413,7 @@ class _UpstreamConn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.server.conns.add(self)
         self.server.stats.connections_total += 1
+        self.server.stats.connections_by_listener[self.listener] += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.conns.discard(self)
@@ -429,8 +440,11 @@ class _UpstreamConn(asyncio.Protocol):
 
     # httptools callbacks -----------------------------------------------------
     def on_message_begin(self) -> None:
-        self.head = self.tail = b""
+        self.head = self.tail = self.url = b""
         self.last_active = self.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
 
     def on_body(self, body: bytes) -> None:
         # Keep only the edges: storing and scanning a 1 MiB body would make the upstream, not the
@@ -442,13 +456,16 @@ class _UpstreamConn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.close_after = not self.parser.should_keep_alive()
         if self.parser.get_method() == b"GET":
-            payload = self.server.stats_json(exclude=self)
+            # GET /v1/models is a real model list: a gateway with several servers per backend asks
+            # each for its models and routes by them.  Any other GET is the harness's /_stats.
+            payload = _MODELS_ANSWER if self.url == b"/v1/models" else self.server.stats_json(exclude=self)
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
             self._maybe_close()
             return
         edges = self.head + self.tail
         self.server.stats.requests += 1
+        self.server.stats.requests_by_listener[self.listener] += 1
         if _SLOW_MARKER_B in edges:
             self._start_stream(_SSE_FRAMES, self.server.options.slow_gap)
         elif _AT_ONCE_MARKER_B in edges:
@@ -500,16 +517,26 @@ class _UpstreamConn(asyncio.Protocol):
 
 def upstream_main(conn: multiprocessing.connection.Connection, cpus: set[int] | None,
                   options: UpstreamOptions) -> None:
-    """Process entry point: serve on an ephemeral port, report it through ``conn``, run forever."""
+    """Process entry point: serve on ``options.listeners`` ephemeral ports, report them (a list)
+    through ``conn``, run forever.
+
+    The ports share one ``FakeUpstream`` (one set of connections, one ``/_stats``, on any port),
+    which counts requests and connections per port: several servers of one backend, as the
+    gateway sees them, without a process (and a core) for each.
+    """
     pin_to_cpus(cpus)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     server = FakeUpstream(loop, options)
-    srv = loop.run_until_complete(loop.create_server(lambda: _UpstreamConn(server), HOST, 0, backlog=4096))
+    ports = []
+    for i in range(max(1, options.listeners)):
+        srv = loop.run_until_complete(
+            loop.create_server(lambda i=i: _UpstreamConn(server, i), HOST, 0, backlog=4096))  # type: ignore[misc]
+        ports.append(srv.sockets[0].getsockname()[1])
     if options.idle_timeout:
         loop.create_task(server.sweep_idle())
-    conn.send(srv.sockets[0].getsockname()[1])
+    conn.send(ports)
     loop.run_forever()
 
 
@@ -971,8 +998,9 @@ class Harness:
         self.gateway: subprocess.Popen[bytes] | None = None
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
         self.gateway_log = self.workdir / "gateway.log"
-        self.upstream_port = 0
+        self.upstream_ports: list[int] = []   # every port of the fake upstream; the first is "the" upstream
         self.gateway_port = 0
+        self.gateway_extra_env: dict[str, str] = {}
         self._lg: multiprocessing.connection.Connection | None = None
         self.pinned = {"aux": False, "gateway": False}
 
@@ -1002,7 +1030,7 @@ class Harness:
         self.procs.append(proc)
         if not parent.poll(10):
             raise RuntimeError("fake upstream did not start")
-        self.upstream_port = parent.recv()
+        self.upstream_ports = parent.recv()
 
     def start_loadgen(self) -> None:
         parent, child = self.ctx.Pipe()
@@ -1011,7 +1039,15 @@ class Harness:
         self.procs.append(proc)
         self._lg = parent
 
-    def start_gateway(self, timeout: float = 30.0) -> None:
+    def start_gateway(self, timeout: float = 30.0, extra_env: dict[str, str] | None = None) -> None:
+        """Start the gateway on a fresh port and wait for its /health.
+
+        ``extra_env`` is laid over the usual environment (``BACKENDS=fake=<upstream>``,
+        ``DEFAULT_BACKEND``, ``LOG_LEVEL``): the routing scenarios run a gateway of their own,
+        configured with several servers or an alias chain, and the default one comes back after.
+        """
+        if self.gateway is not None and self.gateway.poll() is None:
+            raise RuntimeError("start_gateway: a gateway is still running; stop_gateway() first")
         self.gateway_port = free_port()
         self.gateway_file = gateway_fingerprint(self.gateway_cmd, self.cwd)
         if self.gateway_cmd == "nginx":
@@ -1020,8 +1056,9 @@ class Harness:
             argv = gateway_argv(self.gateway_cmd) + ["--host", HOST, "--port", str(self.gateway_port)]
             if self.workers:
                 argv += ["--workers", str(self.workers)]
+        self.gateway_extra_env = dict(extra_env or {})
         env = dict(os.environ, BACKENDS=f"fake={self.upstream_url}", DEFAULT_BACKEND="fake",
-                   LOG_LEVEL=self.log_level)
+                   LOG_LEVEL=self.log_level) | self.gateway_extra_env
         cpus = self.gateway_cpus or self.all_cpus     # not the aux CPUs this process is pinned to
         with open(self.gateway_log, "wb") as log:
             self.gateway = subprocess.Popen(argv, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -1053,12 +1090,19 @@ class Harness:
         except subprocess.TimeoutExpired:
             pass
         except ProcessLookupError:
+            self.gateway = None
             return
         try:                        # a gateway that did not stop, or workers left behind in the group
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.gateway.wait(5)
+        self.gateway = None
+
+    def restart_gateway(self, extra_env: dict[str, str] | None = None) -> None:
+        """Stop the running gateway and start a fresh one with ``extra_env`` (None: the default one)."""
+        self.stop_gateway()
+        self.start_gateway(extra_env=extra_env)
 
     def stop(self) -> None:
         self.stop_gateway()
@@ -1079,8 +1123,17 @@ class Harness:
 
     # helpers ----------------------------------------------------------------------
     @property
+    def upstream_port(self) -> int:
+        return self.upstream_ports[0]
+
+    @property
     def upstream_url(self) -> str:
         return f"http://{HOST}:{self.upstream_port}/v1"
+
+    @property
+    def upstream_urls(self) -> list[str]:
+        """The ``/v1`` URL of every port of the fake upstream: servers of one backend."""
+        return [f"http://{HOST}:{port}/v1" for port in self.upstream_ports]
 
     @property
     def gateway_pid(self) -> int:

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -39,7 +39,8 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from hypothesis import HealthCheck, example, given
+import uvicorn.server
+from hypothesis import HealthCheck, Phase, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pytest_httpx import HTTPXMock
@@ -1610,6 +1611,837 @@ def test_a_model_answer_that_inflates_past_the_limit_is_a_502(upstream: Upstream
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. The wire, split at every byte: what clients send
+#
+# A request is answered once, whatever reads its bytes arrive in: split at any byte of its head, at
+# any byte of its body, pipelined behind other requests, hundreds of them on one kept-alive
+# connection. Every answer must equal the answer to the same request sent whole on a fresh
+# connection, and nothing the client did not ask for may ever arrive.
+#
+# To choose the read boundaries exactly, the gateway's own uvicorn protocol (`ClientConnection`) is
+# driven in-process, as uvicorn drives it, through a transport that records what is written: each
+# piece is one `data_received()` call, and the loop runs until the gateway has done all it can with
+# it before the next piece comes. The app in front is a real gateway app with its lifespan running,
+# relaying to a real scripted upstream on 127.0.0.1. No test sleeps: each wait is woken by what the
+# gateway does, fails at once when the gateway has stopped with an answer still missing, and after
+# WAIT seconds at most. One test sends pieces over a real socket to the gateway served by uvicorn,
+# so that the in-process harness stays tied to reality. WIRE_EXAMPLES=n and WIRE_RANDOM=1 set how
+# many conversations hypothesis tries, and let it try new ones.
+# ---------------------------------------------------------------------------------------------
+
+WAIT = 5.0  # seconds: the longest any single wait of this module may take before it fails
+# Hypothesis examples: derandomized, so that CI always runs the same ones; WIRE_RANDOM=1 explores anew
+EXAMPLES = int(os.environ.get("WIRE_EXAMPLES", "400"))
+KEY = "k-wire"
+MAX_BODY = 150_000  # MAX_BODY_BYTES: the ~100 KB body passes, the 160 KB one is refused
+
+# ---------------------------------------------------------------------------------------------
+# The corpus: what clients send
+# ---------------------------------------------------------------------------------------------
+
+
+def http(method: str, target: str, headers: Sequence[tuple[str, str]] = (), body: bytes = b"",
+         version: str = "HTTP/1.1", *, auth: str | None = KEY, length: bool = True) -> bytes:
+    """A request as bytes: `Content-Length` from the body unless `length` is false (then the caller
+    gives the framing in `headers`), and the gateway key unless `auth` is None."""
+    lines = [f"{method} {target} {version}", "Host: gw.test"]
+    if auth is not None:
+        lines.append(f"Authorization: Bearer {auth}")
+    lines += [f"{name}: {value}" for name, value in headers]
+    if length and (body or method == "POST"):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def chat(content: str = "hi", **extra: Any) -> bytes:
+    return json.dumps({"model": "fake:qwen2.5", "messages": [{"role": "user", "content": content}], **extra}).encode()
+
+
+def chunked(body: bytes, parts: int, extension: bytes = b"") -> bytes:
+    """`body` in `parts` chunks, each size line carrying `extension` (";name=value")."""
+    step = -(-len(body) // parts)
+    pieces = [body[i:i + step] for i in range(0, len(body), step)]
+    return b"".join(b"%x%s\r\n%s\r\n" % (len(p), extension, p) for p in pieces) + b"0%s\r\n\r\n" % extension
+
+
+JSON = ("Content-Type", "application/json")
+CHAT_PATH = "/v1/chat/completions"
+BIG = chat("x" * 100_000)  # a ~100 KB body
+TE_CHUNKED = ("Transfer-Encoding", "chunked")
+
+
+ANY_4XX = range(400, 500)  # a malformed request: refused, whichever way (not silence)
+ANSWERED = range(200, 500)  # taken or refused, but answered
+
+
+@dataclass(frozen=True)
+class Case:
+    """A request of the corpus and the answer the contract calls for: its final status (or the range
+    it may fall in), the interim statuses before it, and whether it is refused before its body is
+    read (its answer may then also say `Connection: close`, and end the connection)."""
+
+    name: str
+    raw: bytes
+    status: int | range
+    interim: tuple[int, ...] = ()
+    refused_early: bool = False
+
+    @property
+    def is_head(self) -> bool:
+        return self.raw.startswith(b"HEAD ")
+
+    @property
+    def head_length(self) -> int:
+        return self.raw.index(b"\r\n\r\n") + 4
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+CORPUS = [
+    # taken: relayed to the upstream, or answered by the gateway itself
+    Case("chat", http("POST", CHAT_PATH, [JSON], chat()), 200),
+    Case("chat-100KB", http("POST", CHAT_PATH, [JSON], BIG), 200),
+    Case("chat-stream", http("POST", CHAT_PATH, [JSON], chat(stream=True)), 200),
+    Case("chat-chunked", http("POST", CHAT_PATH, [JSON, TE_CHUNKED], chunked(chat(), 4), length=False), 200),
+    Case("chat-chunked-extensions",
+         http("POST", CHAT_PATH, [JSON, TE_CHUNKED], chunked(chat(), 3, b";a=1;b=\"q\""), length=False), 200),
+    Case("chat-chunked-trailer",
+         http("POST", CHAT_PATH, [JSON, TE_CHUNKED], chunked(chat(), 2)[:-2] + b"X-Trailer: 1\r\n\r\n", length=False), 200),
+    Case("chat-expect-100", http("POST", CHAT_PATH, [JSON, ("Expect", "100-continue")], chat()), 200, interim=(100,)),
+    Case("health", http("GET", "/health", auth=None), 200),
+    Case("head-health", http("HEAD", "/health", auth=None), 200),
+    Case("models", http("GET", "/v1/models"), 200),
+    Case("health-connection-close", http("GET", "/health", [("Connection", "close")], auth=None), 200),
+    # refused before the body is read
+    Case("401-wrong-key", http("POST", CHAT_PATH, [JSON], chat(), auth="wrong"), 401, refused_early=True),
+    Case("401-wrong-key-100KB", http("POST", CHAT_PATH, [JSON], BIG, auth="wrong"), 401, refused_early=True),
+    Case("401-wrong-key-expect-100",
+         http("POST", CHAT_PATH, [JSON, ("Expect", "100-continue")], chat(), auth="wrong"), 401, refused_early=True),
+    Case("401-wrong-key-chunked-100KB",
+         http("POST", CHAT_PATH, [JSON, TE_CHUNKED], chunked(BIG, 5), auth="wrong", length=False), 401,
+         refused_early=True),
+    Case("404-unknown-path", http("POST", "/v2/chat/completions", [JSON], chat()), 404, refused_early=True),
+    Case("405-wrong-method", http("PUT", CHAT_PATH, [JSON], chat()), 405, refused_early=True),
+    Case("413-declared-too-large", http("POST", CHAT_PATH, [JSON], chat("y" * 160_000)), 413, refused_early=True),
+    Case("413-declared-too-large-expect-100",
+         http("POST", CHAT_PATH, [JSON, ("Expect", "100-continue")], chat("y" * 160_000)), 413, refused_early=True),
+    Case("415-gzip", http("POST", CHAT_PATH, [JSON, ("Content-Encoding", "gzip")], gzip.compress(chat(), mtime=0)), 415,
+         refused_early=True),
+    Case("400-multipart",
+         http("POST", "/v1/audio/transcriptions", [("Content-Type", "multipart/form-data; boundary=b")],
+              b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nfake:whisper\r\n--b--\r\n"),
+         400, refused_early=True),
+    # malformed: a 4xx, not silence
+    Case("malformed-chunk-size-overflow",
+         http("POST", CHAT_PATH, [JSON, TE_CHUNKED], b"ffffffffffffffff1\r\n" + chat() + b"\r\n0\r\n\r\n", length=False),
+         ANY_4XX),
+    Case("malformed-chunk-size-not-hex",
+         http("POST", CHAT_PATH, [JSON, TE_CHUNKED], b"zz\r\n" + chat() + b"\r\n0\r\n\r\n", length=False), ANY_4XX),
+    Case("malformed-transfer-encoding-xchunked",
+         http("POST", CHAT_PATH, [JSON, ("Transfer-Encoding", "xchunked")], chunked(chat(), 1), length=False), ANY_4XX),
+    Case("malformed-transfer-encoding-identity",
+         http("POST", CHAT_PATH, [JSON, ("Transfer-Encoding", "identity")], chat(), length=False), ANY_4XX),
+    Case("malformed-content-length-and-chunked", http("POST", CHAT_PATH, [JSON, TE_CHUNKED], chunked(chat(), 2)), ANY_4XX),
+    Case("malformed-connect-authority-form", b"CONNECT gw.test:443 HTTP/1.1\r\nHost: gw.test:443\r\n\r\n", ANY_4XX),
+    # RFC 9112 7.1.1 allows whitespace before a chunk extension: taken, or refused, never silence
+    Case("chunk-extension-after-space",
+         http("POST", CHAT_PATH, [JSON, TE_CHUNKED], chunked(chat(), 2, b" ;a=1"), length=False), ANSWERED),
+    # an upgrade the gateway does not speak: answered all the same
+    Case("upgrade-websocket",
+         http("GET", "/health", [("Connection", "Upgrade"), ("Upgrade", "websocket"),
+                                 ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")],
+              auth=None), ANSWERED),
+    # HTTP/1.0: no chunked coding, no 1xx (RFC 9110 15.2), the connection ends each answer
+    Case("http10-chat-stream", http("POST", CHAT_PATH, [JSON], chat(stream=True), "HTTP/1.0"), 200),
+    Case("http10-health", http("GET", "/health", version="HTTP/1.0", auth=None), 200),
+    Case("http10-expect-100", http("POST", CHAT_PATH, [JSON, ("Expect", "100-continue")], chat(), "HTTP/1.0"), 200),
+]
+BY_NAME = {case.name: case for case in CORPUS}
+HEALTH = BY_NAME["health"]
+
+# ---------------------------------------------------------------------------------------------
+# What comes back: responses parsed off the bytes, normalised
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One response as the client sees it. Normalised: no Date header, a chunked body de-chunked
+    (where a stream's chunks fall depends on when the upstream's bytes were read)."""
+
+    status_line: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    framing: str  # "length", "chunked", "close" (raw bytes until the connection closes) or "none"
+
+    @property
+    def status(self) -> int:
+        return int(self.status_line.split()[1])
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for n, v in self.headers if n == name), None)
+
+    def without_close(self) -> Answer:
+        return Answer(self.status_line, tuple(h for h in self.headers if h != (b"connection", b"close")),
+                      self.body, self.framing)
+
+    def __repr__(self) -> str:
+        body = self.body if len(self.body) < 200 else self.body[:200] + b"..."
+        return f"<{self.status_line.decode()} {self.framing} {dict(self.headers)} {body!r}>"
+
+
+def parse_answers(
+    data: bytes, ended: bool, bodiless: Sequence[bool] = (), before: int = 0
+) -> tuple[list[Answer], bytes]:
+    """The whole responses in `data`, and the bytes after them: a response not all there, or bytes
+    that are no response. `ended`: the connection ended after `data`, which ends a body without
+    length. `bodiless[n]`: the n-th final response answers a HEAD request (a length, but no body);
+    `before`: how many final responses came before `data`."""
+    answers: list[Answer] = []
+    count = before
+    while data:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            break
+        lines = data[:end].split(b"\r\n")
+        try:
+            version, code = lines[0].split(b" ", 2)[:2]
+            status = int(code)
+            headers = tuple((n.strip().lower(), v.strip()) for n, v in (line.split(b":", 1) for line in lines[1:]))
+            assert version.startswith(b"HTTP/1.") and 100 <= status <= 599
+        except (ValueError, AssertionError):
+            break  # no response: left in the rest
+        rest = data[end + 4:]
+        kept = tuple(h for h in headers if h[0] != b"date")
+        names = dict(headers)
+        head_request = status >= 200 and len(bodiless) > count and bodiless[count]
+        count += status >= 200
+        if status < 200 or status in (204, 304) or head_request:
+            answers.append(Answer(lines[0], kept, b"", "none"))
+            data = rest
+        elif b"chunked" in names.get(b"transfer-encoding", b"").lower():
+            body, at = b"", 0
+            while True:
+                line_end = rest.find(b"\r\n", at)
+                if line_end < 0:
+                    return answers, data
+                try:
+                    size = int(rest[at:line_end].split(b";")[0], 16)
+                except ValueError:
+                    return answers, data
+                at = line_end + 2
+                if size == 0:
+                    trailer_end = rest.find(b"\r\n", at)
+                    while trailer_end > at:  # trailer fields: skipped
+                        at = trailer_end + 2
+                        trailer_end = rest.find(b"\r\n", at)
+                    if trailer_end < 0:
+                        return answers, data
+                    at = trailer_end + 2
+                    break
+                if len(rest) < at + size + 2:
+                    return answers, data
+                body += rest[at:at + size]
+                at += size + 2
+            answers.append(Answer(lines[0], kept, body, "chunked"))
+            data = rest[at:]
+        elif b"content-length" in names:
+            size = int(names[b"content-length"])
+            if len(rest) < size:
+                break
+            answers.append(Answer(lines[0], kept, rest[:size], "length"))
+            data = rest[size:]
+        elif ended:
+            answers.append(Answer(lines[0], kept, rest, "close"))
+            data = b""
+        else:
+            break
+    return answers, data
+
+
+def finals(answers: list[Answer]) -> int:
+    return sum(a.status >= 200 for a in answers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-process wire: gateway.ClientConnection driven read by read
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordingTransport(asyncio.Transport):
+    """A socket's transport as uvicorn's protocol uses it, recording what the gateway writes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.protocol: asyncio.Protocol | None = None
+        self.written = bytearray()  # what reached the client
+        self.after_eof: list[bytes] = []  # writes attempted after write_eof(): a real transport raises
+        self.closing = False
+        self.eof = False  # write_eof(): the client saw the end of the stream
+        self.reading = True
+        self.changed = asyncio.Event()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.eof:
+            self.after_eof.append(bytes(data))
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if not self.closing:  # after close() a real transport drops what is written
+            self.written += data
+            self.changed.set()
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if not self.closing:
+            self.closing = True
+            self.changed.set()
+            self.loop.call_soon(self.protocol.connection_lost, exc)
+
+    def abort(self) -> None:
+        self.close()
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+        self.changed.set()
+
+    def is_reading(self) -> bool:
+        return self.reading and not self.closing
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+        self.changed.set()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol  # type: ignore[return-value]
+
+
+@dataclass
+class Outcome:
+    """What a client got on one connection."""
+
+    answers: list[Answer]
+    rest: bytes  # bytes after the last whole response: never any
+    ended: bool  # the gateway closed the connection, or ended its side (write_eof)
+    after_eof: list[bytes]
+    raw: bytes
+    crash: BaseException | None = None  # what the protocol raised: a real transport then aborts the connection
+
+    def check_nothing_unsolicited(self, sent: str) -> None:
+        assert self.crash is None, (
+            f"the gateway's protocol raised {self.crash!r} (a real transport aborts the connection)\nsent: {sent}\n"
+            f"received: {self.raw[:600]!r}")
+        assert self.rest == b"", f"bytes that are no whole response: {self.rest[:300]!r}\nsent: {sent}"
+        assert self.after_eof == [], f"the gateway wrote after ending the connection: {self.after_eof!r}\nsent: {sent}"
+
+
+class InProcessWire:
+    """One gateway app (lifespan running) on a loop of this thread; connections are made on demand."""
+
+    def __init__(self, app: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        # as `python gateway.py` runs it (gateway.main): no WebSocket protocol, no proxy headers
+        self.config = uvicorn.Config(app, http=gateway.ClientConnection, ws="none", lifespan="off",
+                                     proxy_headers=False, access_log=False, log_level="warning")
+        self.config.load()
+        self.state = uvicorn.server.ServerState()
+        # what uvicorn's server puts in every response; the date is normalised away
+        self.state.default_headers = [(b"date", b"Thu, 01 Jan 1970 00:00:00 GMT"), *self.config.encoded_headers]
+        self.lifespan = app.router.lifespan_context(app)
+        self.run(self.lifespan.__aenter__())
+        self.references: dict[str, Outcome] = {}
+
+    def close(self) -> None:
+        self.run(self.lifespan.__aexit__(None, None, None))
+        self.loop.close()
+
+    def run(self, coroutine: Any) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coroutine, 60))
+
+    def converse(self, writes: Sequence[Sequence[bytes]], requests: Sequence[int],
+                 bodiless: Sequence[bool] = ()) -> Outcome:
+        """Send each write of `writes` (a write: pieces, each one read) on one new connection; before
+        the next write, wait for the answers to the `requests[i]` requests the write holds.
+        `bodiless[n]`: the n-th request is a HEAD request."""
+        return self.run(Conversation(self, bodiless).run(writes, requests))
+
+    def reference(self, case: Case) -> Outcome:
+        """The answer to `case` sent whole, in one read, on a fresh connection."""
+        if case.name not in self.references:
+            self.references[case.name] = self.converse([[case.raw]], [1], [case.is_head])
+        return self.references[case.name]
+
+
+class Conversation:
+    def __init__(self, wire: InProcessWire, bodiless: Sequence[bool]) -> None:
+        self.wire, self.loop, self.bodiless = wire, wire.loop, bodiless
+        self.crash: BaseException | None = None
+        self.seen = self.finals = 0  # bytes parsed into whole answers, and the final answers among them
+        self.transport = RecordingTransport(self.loop)
+        self.protocol = gateway.ClientConnection(
+            config=wire.config, server_state=wire.state, app_state={}, _loop=self.loop
+        )
+        self.transport.set_protocol(self.protocol)
+        self.protocol.connection_made(self.transport)
+
+    @property
+    def ended(self) -> bool:
+        return self.transport.closing or self.transport.eof
+
+    async def until(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait until `condition()`: woken by each write, close or resumed read of the transport and by
+        each request task that ends; failing at once when the gateway has stopped (no request task
+        running, nothing due on the loop) with the condition still false, and after WAIT at most."""
+        deadline = self.loop.time() + WAIT
+        while True:
+            await self.settle()
+            if condition():
+                return
+            running = [task for task in self.wire.state.tasks if not task.done()]
+            if not running:
+                raise AssertionError(
+                    f"the gateway stopped before {what}: no request of its running, the connection open "
+                    f"({'reading' if self.transport.is_reading() else 'not reading'}); received "
+                    f"{shown(bytes(self.transport.written), 600)}")
+            if (left := deadline - self.loop.time()) <= 0:
+                raise AssertionError(f"waited {WAIT} s for {what}; received {shown(bytes(self.transport.written))}")
+            self.transport.changed.clear()
+            changed = asyncio.ensure_future(self.transport.changed.wait())
+            await asyncio.wait([changed, *running], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+
+    async def settle(self) -> None:
+        """Let the loop run until the gateway has nothing left to do without the upstream or the client."""
+        for _ in range(100_000):
+            if not self.loop._ready:  # type: ignore[attr-defined]  # CPython's queue of due callbacks
+                return
+            await asyncio.sleep(0)
+        raise AssertionError("the gateway never stopped working on its own")
+
+    def answered(self) -> int:
+        """How many final answers have arrived whole, parsing only what came since the last look."""
+        new, rest = parse_answers(bytes(self.transport.written[self.seen:]), self.ended, self.bodiless, self.finals)
+        self.seen = len(self.transport.written) - len(rest)
+        self.finals += finals(new)
+        return self.finals
+
+    async def run(self, writes: Sequence[Sequence[bytes]], requests: Sequence[int]) -> Outcome:
+        due = 0
+        try:
+            for pieces, count in zip(writes, requests, strict=True):
+                due += count
+                for piece in pieces:
+                    # a socket that the gateway stopped reading (a pipelined request waits) holds what comes
+                    await self.until(lambda: self.transport.is_reading() or self.ended, "the gateway to read on")
+                    if self.ended:
+                        break  # the client's bytes go nowhere: the gateway ended the connection
+                    try:
+                        self.transport.get_protocol().data_received(piece)  # uvicorn may have switched it
+                    except Exception as exc:  # as asyncio's transports do: a fatal error, the connection aborted
+                        self.crash = exc
+                        self.transport.close(exc)
+                        break
+                    await self.settle()
+                await self.until(lambda: self.answered() >= due or self.ended, f"answer {due}")
+                if self.ended:
+                    break
+            tasks = [task for task in self.wire.state.tasks if not task.done()]
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=WAIT)
+                assert not pending, "a request of this connection never finished"
+            await self.settle()
+        finally:
+            ended = self.ended
+            self.transport.close()  # the client goes away, as clients do
+            await self.settle()
+        raw = bytes(self.transport.written)
+        answers, rest = parse_answers(raw, ended, self.bodiless)
+        return Outcome(answers, rest, ended, self.transport.after_eof, raw, self.crash)
+
+
+# ---------------------------------------------------------------------------------------------
+# The servers: a scripted upstream, and the gateway in front of it (in-process and on a socket)
+# ---------------------------------------------------------------------------------------------
+
+MODELS = json.dumps({"object": "list", "data": [{"id": "qwen2.5", "object": "model", "created": 1,
+                                                 "owned_by": "test"}]}).encode()
+
+
+@pytest.fixture(scope="module")
+def wire_upstream() -> Iterator[Upstream]:
+    fake = Upstream()
+
+    async def handler(seen: Any, receive: Any, send: Any) -> None:
+        fake.requests.clear()  # thousands of requests: none is kept
+        if seen.method == "GET" and seen.path.endswith("/models"):
+            await answer(200, MODELS, [("content-type", "application/json")])(seen, receive, send)
+        else:
+            await echo_completion(seen, receive, send)
+
+    fake.handler = handler
+    with serve(fake) as url:
+        fake.url = url
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def wire_settings(wire_upstream: Upstream) -> gateway.Settings:
+    v1 = f"{wire_upstream.url}/v1"
+    return gateway.Settings.from_env({
+        "BACKENDS": f"fake={v1}", "DEFAULT_BACKEND": "fake", "OLLAMA_BASE_URL": v1, "OPENAI_BASE_URL": v1,
+        "GATEWAY_ID": "wire-gw", "GATEWAY_API_KEYS": KEY, "MAX_BODY_BYTES": str(MAX_BODY),
+    })
+
+
+@pytest.fixture(scope="module")
+def wire(wire_settings: gateway.Settings) -> Iterator[InProcessWire]:
+    harness = InProcessWire(gateway.create_app(wire_settings))
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+@pytest.fixture(scope="module")
+def gateway_url(wire_settings: gateway.Settings) -> Iterator[str]:
+    with serve_gateway(gateway.create_app(wire_settings)) as url:
+        yield url
+
+
+def keeps_alive(wire: InProcessWire, case: Case) -> bool:
+    return not wire.reference(case).ended
+
+
+def cut(data: bytes, points: Sequence[int]) -> list[bytes]:
+    """`data` in pieces, cut at each of `points`."""
+    edges = [0, *sorted({p for p in points if 0 < p < len(data)}), len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def shown(data: bytes, limit: int = 160) -> str:
+    return repr(data if len(data) <= limit else data[:limit // 2] + b"..." + data[-limit // 2:])
+
+
+def same_answer(may_close: bool, got: Answer, expected: Answer) -> bool:
+    """Equal; but an answer may add `Connection: close` when the connection ends after it: to a
+    request refused before its body was read (whether the body had all arrived by then is a matter
+    of timing), or to one followed by a request the connection itself refuses."""
+    if may_close:
+        got, expected = got.without_close(), expected.without_close()
+    return got == expected
+
+
+def answered_cases(wire: InProcessWire, outcome: Outcome, cases: Sequence[Case], sent: str = "",
+                   writes: Sequence[str] = ()) -> int:
+    """Check that the answers on a connection are those of `cases` sent alone, in order, and nothing
+    more; return how many were answered: all, or fewer when the connection ended right after a
+    refusal that said `Connection: close` (then the rest were never read). `writes[n]`: how the
+    write that held request n was cut, for the report."""
+    got, at = outcome.answers, 0
+    for n, case in enumerate(cases):
+        report = f"\nsent: {writes[n] if n < len(writes) else sent}\nreceived: {shown(outcome.raw, 1200)}"
+        expected = wire.reference(case).answers
+        part = got[at:at + len(expected)]
+        may_close = case.refused_early or any(not keeps_alive(wire, later) for later in cases[n + 1:])
+        same = len(part) == len(expected) and all(map(same_answer, [may_close] * len(part), part, expected))
+        assert same, f"request {n + 1} ({case.name}) got {part}, not {expected}{report}"
+        at += len(expected)
+        if at == len(got) and outcome.ended and n + 1 < len(cases):
+            said_so = case.refused_early and part[-1].header(b"connection") == b"close"
+            assert said_so, f"the connection ended after request {n + 1} ({case.name}) of {len(cases)}{report}"
+            return n + 1
+    assert at == len(got), f"answers nobody asked for: {got[at:]}\nsent: {sent}\nreceived: {shown(outcome.raw, 1200)}"
+    return len(cases)
+
+
+def converse_on(wire: InProcessWire, groups: Sequence[Sequence[Case]], writes: Sequence[Sequence[bytes]]) -> None:
+    """Send each write (its requests pipelined, cut into its pieces, each one read) and check every
+    answer; on a new connection whenever one ended after a refusal, as a client would."""
+    remaining = list(zip(groups, writes))
+    while remaining:
+        outcome = wire.converse([w for _, w in remaining], [len(g) for g, _ in remaining],
+                                [c.is_head for g, _ in remaining for c in g])
+        shown_writes = [" + ".join(shown(p, 60) for p in w) for g, w in remaining for _ in g]
+        sent = " | ".join(shown_writes[:3]) + (" | ..." if len(shown_writes) > 3 else "")
+        outcome.check_nothing_unsolicited(sent)
+        answered = answered_cases(wire, outcome, [c for g, _ in remaining for c in g], sent, shown_writes)
+        while remaining and answered > 0:  # a write answered in part (pipelined): the rest was never read
+            answered -= len(remaining.pop(0)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The answers themselves, each request sent whole
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=repr)
+def test_each_request_sent_whole_gets_the_one_answer_the_contract_calls_for(wire: InProcessWire, case: Case) -> None:
+    outcome = wire.reference(case)
+    outcome.check_nothing_unsolicited(shown(case.raw))
+    statuses = [a.status for a in outcome.answers]
+    report = f"\nsent: {shown(case.raw)}\nreceived: {shown(outcome.raw, 600)}"
+    assert len(statuses) == len(case.interim) + 1 and statuses[:-1] == list(case.interim), (
+        f"{case.name}: statuses {statuses}{report}")
+    final = outcome.answers[-1]
+    assert final.status in (case.status if isinstance(case.status, range) else [case.status]), (
+        f"{case.name}: {final!r}{report}")
+    kept_alive = case.raw.split(b"\r\n", 1)[0].endswith(b"HTTP/1.1") and b"Connection: close" not in case.raw
+    if case.status == 200 and kept_alive:
+        assert not outcome.ended, f"{case.name}: the connection of a kept-alive request was closed{report}"
+
+
+def test_an_http10_client_gets_a_stream_as_raw_bytes_that_end_when_the_connection_closes(
+    wire: InProcessWire,
+) -> None:
+    case = BY_NAME["http10-chat-stream"]
+    outcome = wire.reference(case)
+    report = f"\nsent: {shown(case.raw)}\nreceived: {shown(outcome.raw, 600)}"
+    [final] = outcome.answers
+    assert final.header(b"transfer-encoding") is None, f"HTTP/1.0 knows no chunked coding{report}"
+    assert final.framing == "close" and outcome.ended, report
+    assert final.body == b"".join(sse_chunks("qwen2.5")), report
+
+
+# ---------------------------------------------------------------------------------------------
+# Split reads: the same answer, however the bytes arrive
+# ---------------------------------------------------------------------------------------------
+
+
+def split_points(case: Case) -> list[list[int]]:
+    """Every byte boundary of the head (one cut each, the last one just after its blank line), the
+    head byte by byte, and samples inside the body: one byte in, the middle, one byte before its
+    end, and 4 KiB reads."""
+    head, size = case.head_length, len(case.raw)
+    plans = [[i] for i in range(1, head + 1)]
+    plans.append(list(range(1, head + 1)))
+    if size - head > 1:
+        plans += [[head + 1], [head + (size - head) // 2], [size - 1], list(range(head, size, 4096))]
+    return plans
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=repr)
+def test_a_request_split_at_any_byte_gets_the_same_answer(wire: InProcessWire, case: Case) -> None:
+    """Hundreds of times on one kept-alive connection when its answer keeps the connection alive."""
+    plans = split_points(case)
+    writes = [cut(case.raw, points) for points in plans]
+    if keeps_alive(wire, case):
+        converse_on(wire, [[case]] * len(writes), writes)
+    else:
+        for write in writes:
+            converse_on(wire, [[case]], [write])
+
+
+def padded_health(size: int) -> Case:
+    """A GET /health whose head is `size` bytes, padded with one header field."""
+    raw = http("GET", "/health", [("X-Pad", "p" * (size - len(HEALTH.raw) - 9))], auth=None)
+    assert len(raw) == size
+    return Case(f"health-{size}B", raw, 200)
+
+
+def test_the_head_limit_applies_per_request_however_its_blank_line_is_split(wire: InProcessWire) -> None:
+    """300 requests of 1 KiB on one connection, each with its blank line split across two reads:
+    together far over the 64 KiB head limit, each alone far under it."""
+    padded = padded_health(1024)
+    raw = padded.raw
+    blank = raw.index(b"\r\n\r\n")
+    writes = [cut(raw, [blank + 1 + n % 3]) for n in range(300)]
+    converse_on(wire, [[padded]] * len(writes), writes)
+
+
+def test_heads_under_the_limit_are_answered_however_the_reads_fall_across_them(wire: InProcessWire) -> None:
+    """Two pipelined heads of 48 KiB, each under the 64 KiB limit, read as 8 KiB, then the last
+    40 KiB of the first and the first 40 KiB of the second together (80 KiB), then the rest; and
+    one such head in 1 KiB reads."""
+    case = padded_health(48 * 1024)
+    size = len(case.raw)
+    converse_on(wire, [[case, case]], [cut(case.raw * 2, [8 * 1024, size + 40 * 1024])])
+    converse_on(wire, [[case]], [cut(case.raw, range(1024, size, 1024))])
+
+
+def test_a_head_over_the_limit_gets_one_431_however_it_is_split(wire: InProcessWire) -> None:
+    case = padded_health(70 * 1024)
+    for points in ([], range(1024, len(case.raw), 1024), [len(case.raw) - 1]):
+        outcome = wire.converse([cut(case.raw, points)], [1])
+        sent = f"a 70 KiB head cut at {list(points)[:3]}..."
+        outcome.check_nothing_unsolicited(sent)
+        statuses = [a.status for a in outcome.answers]
+        assert statuses == [431] and outcome.ended, f"{statuses}\nsent: {sent}\nreceived: {shown(outcome.raw, 600)}"
+
+
+PIPELINE_FIRST = ["chat", "chat-100KB", "chat-chunked-extensions", "chat-expect-100", "401-wrong-key-100KB", "models"]
+PIPELINE_SECOND = ["health", "chat", "chat-stream"]
+
+
+@pytest.mark.parametrize("first", PIPELINE_FIRST)
+def test_pipelined_requests_split_anywhere_get_their_answers_in_order(wire: InProcessWire, first: str) -> None:
+    """Two requests in one write, read in three pieces: one cut in or just after the first (in its
+    head, after it, in its body), one in the head of the second."""
+    a = BY_NAME[first]
+    for second in PIPELINE_SECOND:
+        b = BY_NAME[second]
+        for i in (1, a.head_length // 2, a.head_length - 2, a.head_length, a.head_length + 1, len(a.raw) - 1):
+            for j in (1, b.head_length // 2, b.head_length - 2):
+                converse_on(wire, [[a, b]], [cut(a.raw + b.raw, [i, len(a.raw) + j])])
+
+
+@pytest.mark.parametrize("case", [c for c in CORPUS if c.refused_early], ids=repr)
+def test_a_request_refused_before_its_body_arrived_is_answered_once(wire: InProcessWire, case: Case) -> None:
+    """The head alone first, and the gateway answers; then the body in 4 KiB reads; then a request of
+    the client's own. The body is never read as a request: the next request gets its own answer,
+    unless the refusal said `Connection: close` and the connection ended."""
+    head = case.head_length
+    writes = [[case.raw[:head]], cut(case.raw[head:], range(4096, len(case.raw), 4096)), [HEALTH.raw]]
+    outcome = wire.converse(writes, [1, 0, 1], [case.is_head, False])
+    sent = f"{shown(case.raw[:head])}, then the body, then {shown(HEALTH.raw)}"
+    outcome.check_nothing_unsolicited(sent)
+    answered_cases(wire, outcome, [case, HEALTH], sent)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_requests_pipelined_in_one_write_get_their_answers_in_order(wire: InProcessWire, count: int) -> None:
+    cases = [BY_NAME[n] for n in ("chat", "chat-chunked-extensions", "401-wrong-key-100KB", "models",
+                                  "chat-stream", "404-unknown-path", "chat-100KB", "chat-expect-100")]
+    for start in range(len(cases)):
+        group = [cases[(start + i) % len(cases)] for i in range(count)]
+        converse_on(wire, [group], [[b"".join(c.raw for c in group)]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Any conversation, split anywhere (hypothesis chooses)
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def conversations(draw: st.DrawFn, alive: frozenset[str]) -> tuple[list[list[str]], list[list[int]]]:
+    """One to four writes of one to three pipelined requests each (by name), each write cut at up to
+    six points, half of them near a head; a request whose answer ends the connection ends it."""
+    groups: list[list[str]] = []
+    for _ in range(draw(st.integers(1, 4))):
+        group = draw(st.lists(st.sampled_from(sorted(BY_NAME)), min_size=1, max_size=3))
+        ends = [n for n, name in enumerate(group) if name not in alive]
+        groups.append(group[:ends[0] + 1] if ends else group)
+        if ends:
+            break
+    cuts = []
+    for group in groups:
+        starts = [0]
+        for name in group:
+            starts.append(starts[-1] + len(BY_NAME[name].raw))
+        head = max(BY_NAME[name].head_length for name in group)
+        near_a_head = st.builds(lambda n, i: starts[n] + i, st.integers(0, len(group) - 1), st.integers(1, head))
+        cuts.append(draw(st.lists(st.one_of(near_a_head, st.integers(1, starts[-1] - 1)), max_size=6)))
+    return groups, cuts
+
+
+def test_any_conversation_split_anywhere_gets_the_answers_of_its_requests_sent_alone(wire: InProcessWire) -> None:
+    alive = frozenset(case.name for case in CORPUS if keeps_alive(wire, case))
+
+    @hypothesis_settings(
+        max_examples=EXAMPLES, deadline=None, database=None, derandomize=not os.environ.get("WIRE_RANDOM"),
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],  # the explain phase traces lines: far too slow
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(conversations(alive))
+    def check(conversation: tuple[list[list[str]], list[list[int]]]) -> None:
+        names, cuts = conversation
+        groups = [[BY_NAME[name] for name in group] for group in names]
+        writes = [cut(b"".join(c.raw for c in group), points) for group, points in zip(groups, cuts)]
+        outcome = wire.converse(writes, [len(g) for g in groups], [c.is_head for g in groups for c in g])
+        sent = " | ".join(" + ".join(shown(p, 60) for p in w) for w in writes)
+        outcome.check_nothing_unsolicited(sent)
+        answered_cases(wire, outcome, [c for g in groups for c in g], sent)
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------
+# The same over a real socket: the in-process wire is what a client meets
+# ---------------------------------------------------------------------------------------------
+
+
+def socket_exchange(url: str, pieces: Sequence[bytes], answers: int, keep_alive: bool,
+                    bodiless: Sequence[bool] = ()) -> Outcome:
+    """Send `pieces` one send() each (TCP_NODELAY) and read `answers` final answers; then, on a
+    connection still open that should be kept alive, one GET /health more, whose answer must be
+    the next to arrive; else read to the end of the connection."""
+    deadline = time.monotonic() + WAIT
+    data, ended = b"", False
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=WAIT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def read(count: int | None) -> None:
+            nonlocal data, ended
+            while not ended and (count is None or finals(parse_answers(data, False, bodiless)[0]) < count):
+                assert time.monotonic() < deadline, f"nothing more in {WAIT} s after {shown(data, 600)}"
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""
+                data += chunk
+                ended = not chunk
+
+        try:
+            for piece in pieces:
+                sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):  # the gateway ended the connection: checked below
+            pass
+        read(answers)
+        if keep_alive and not ended:
+            sock.sendall(HEALTH.raw)
+            read(answers + 1)
+        else:
+            read(None)
+    parsed, rest = parse_answers(data, ended, bodiless)
+    return Outcome(parsed, rest, ended, [], data)
+
+
+SOCKET_CASES = ["chat", "chat-chunked-extensions", "chat-expect-100", "chat-stream", "head-health",
+                "401-wrong-key-100KB", "413-declared-too-large", "405-wrong-method", "malformed-chunk-size-not-hex",
+                "malformed-connect-authority-form", "http10-chat-stream", "http10-expect-100"]
+
+
+@pytest.mark.parametrize("name", SOCKET_CASES)
+def test_over_a_real_socket_pieces_sent_one_by_one_get_the_in_process_answer(
+    wire: InProcessWire, gateway_url: str, name: str
+) -> None:
+    """The date aside, a real server's answer is the in-process one, sentinel request included."""
+    case = BY_NAME[name]
+    head = case.head_length
+    points = [*range(1, head, max(1, head // 12)), head - 3, head - 1, head, *range(head + 1, len(case.raw), 8192)]
+    alive = keeps_alive(wire, case)
+    pieces = cut(case.raw, points)
+    outcome = socket_exchange(gateway_url, pieces, 1, alive, [case.is_head, False])
+    sent = " + ".join(shown(p, 40) for p in pieces[:20])
+    outcome.check_nothing_unsolicited(sent)
+    assert finals(outcome.answers) >= 1, f"no answer over the socket\nsent: {sent}\nreceived: {shown(outcome.raw)}"
+    answered_cases(wire, outcome, [case, HEALTH] if alive else [case], sent)
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. Safety: loops
 # ---------------------------------------------------------------------------------------------
 
@@ -2039,6 +2871,31 @@ def test_a_request_goes_to_a_server_that_lists_its_model(upstream: Upstream, sec
     for _ in range(4):
         post(gw, json={"model": "fake:qwen", "messages": []})
     assert len(posts(second)) == 4 and posts(upstream) == []
+
+
+def test_after_a_404_the_gateway_soon_learns_which_server_has_the_model(
+    upstream: Upstream, second: Upstream, gateway_with: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway, "MODELS_REFRESH_GAP", 0.1)
+    lists = {upstream.url: ["llama"], second.url: ["llama"]}
+
+    def server_of(fake: Upstream) -> Handler:
+        async def handler(seen: Seen, receive: Any, send: Any) -> None:
+            if seen.method == "GET":
+                await models_upstream(lists[fake.url])(seen, receive, send)
+            elif seen.json()["model"] in lists[fake.url]:
+                await echo_completion(seen, receive, send)
+            else:
+                await answer(404, b'{"error": {"message": "model not found"}}')(seen, receive, send)
+        return handler
+
+    upstream.handler, second.handler = server_of(upstream), server_of(second)
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1|{second.url}/v1")
+    eventually(lambda: upstream.requests and second.requests)  # the lists, learnt at start
+    lists[second.url] = ["llama", "qwen"]  # pulled on the second server since
+    first = post(gw, json={"model": "fake:qwen", "messages": []}).status_code
+    eventually(lambda: post(gw, json={"model": "fake:qwen", "messages": []}).status_code == 200)
+    assert first == 404 or posts(upstream) == []
 
 
 def test_the_model_list_names_a_backends_models_once_across_its_servers(
