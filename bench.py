@@ -4,6 +4,7 @@
 Usage::
 
     python bench.py [--quick] [--json out.json] [--duration S] [--gateway-cmd "python gateway.py"]
+                    [--only small_c64,servers3_c64,chain_dead_first_c64]
 
 What runs (all on 127.0.0.1, nothing leaves the machine):
 
@@ -13,6 +14,8 @@ What runs (all on 127.0.0.1, nothing leaves the machine):
   SSE stream of 200 ``data: {...}`` events plus ``data: [DONE]``, each written
   with its own ``transport.write`` (one chunk of HTTP chunked encoding each), or
   all in one write for the "written at once" scenario (as a server sends a file).
+  It listens on three ports (one process, one set of counters, kept per port too) and
+  answers ``GET /v1/models`` with ``gpt-bench``: the three servers of one backend.
 * a **load generator** built the same way: keep-alive connections, one
   request in flight per connection, pre-built request bytes.  It checks every
   response (status 200, exact body length; for SSE the number of events, the
@@ -21,6 +24,13 @@ What runs (all on 127.0.0.1, nothing leaves the machine):
   fake upstream through ``BACKENDS=fake=http://127.0.0.1:<port>/v1``.  With
   ``--gateway-cmd nginx``, nginx ``proxy_pass`` (one worker, or ``--workers``) stands in its place:
   the reference for what relaying alone costs on the machine at hand.
+* the **routing scenarios**, after the others, each on a gateway restarted with its own
+  environment (the default gateway is started again after them): ``servers3_c64``, the
+  small_c64 load with ``BACKENDS=fake=<port1>|<port2>|<port3>`` (the report gives how the
+  requests split over the three ports), and ``chain_dead_first_c64``, the same load sent to
+  an alias ``fake:gpt-bench=dead:gpt-bench|fake:gpt-bench`` whose first target is a port
+  nobody listens on, so every request meets a refused connection before it is answered.
+  They are reported beside small_c64's gateway row, the same requests with no routing.
 
 The fake upstream and the load generator are separate processes pinned to CPU 1;
 the gateway is pinned to CPU 0 (``--gateway-cpus``), so its throughput is what
@@ -1199,17 +1209,27 @@ SCENARIOS = [
 ]
 
 
-def run_scenarios(h: Harness, warmup: float, duration: float, log: Callable[[str], None]) -> dict[str, Any]:
+def add_gateway_cost(res: dict[str, Any]) -> None:
+    """Add the gateway's CPU µs per request, and what one busy core would do at that cost."""
+    if res["requests"]:
+        res["gw_cpu_us_per_req"] = round(res["cpu_s"]["gateway"] * 1e6 / res["requests"], 1)
+        if res["gw_cpu_us_per_req"]:
+            res["gw_rps_per_core_est"] = round(1e6 / res["gw_cpu_us_per_req"], 1)
+
+
+def run_scenarios(h: Harness, warmup: float, duration: float, log: Callable[[str], None],
+                  only: set[str] | None = None) -> dict[str, Any]:
+    """Each scenario of ``SCENARIOS`` (those in ``only``, when given) direct, then through the gateway."""
     results: dict[str, Any] = {}
     for sc in SCENARIOS:
+        if only is not None and sc.key not in only:
+            continue
         results[sc.key] = {"title": sc.title, "concurrency": sc.concurrency}
         for target in ("direct", "gateway"):
             log(f"  {sc.key:15} {target:8} c={sc.concurrency} ...")
             res = h.run_load(target, [sc.kind], sc.concurrency, warmup, duration)
-            if target == "gateway" and res["requests"]:
-                res["gw_cpu_us_per_req"] = round(res["cpu_s"]["gateway"] * 1e6 / res["requests"], 1)
-                if res["gw_cpu_us_per_req"]:
-                    res["gw_rps_per_core_est"] = round(1e6 / res["gw_cpu_us_per_req"], 1)
+            if target == "gateway":
+                add_gateway_cost(res)
             results[sc.key][target] = res
             log(f"      {res['rps']:>10,.1f} req/s  p50 {res['p50_ms']} ms  p99 {res['p99_ms']} ms"
                 f"  errors {res['errors']}")
@@ -1217,6 +1237,168 @@ def run_scenarios(h: Harness, warmup: float, duration: float, log: Callable[[str
         ratio = round(d["rps"] / g["rps"], 1) if g["rps"] else None
         results[sc.key]["direct_over_gateway"] = ratio
         g["harness_bound"] = is_harness_bound(g, ratio)
+    return results
+
+
+# Routing (CONTRACT sections 8 and 9): the small_c64 load through a gateway of its own, configured with
+# several servers for its backend or with an alias whose chain starts at a dead backend.  Direct is
+# not run again: the load generator and the fake upstream do exactly what they do in small_c64, so
+# small_c64's direct figure (and its gateway figure, for comparison) is the reference.
+
+@dataclass
+class RoutingScenario:
+    key: str
+    title: str
+    concurrency: int
+    # the gateway's extra environment, given the harness (its upstream ports) and a port nobody listens on
+    env: Callable[[Harness, int], dict[str, str]]
+
+
+def _servers3_env(h: Harness, _dead_port: int) -> dict[str, str]:
+    if len(h.upstream_urls) < 3:
+        raise RuntimeError("servers3_c64 needs a fake upstream with 3 listeners (UpstreamOptions.listeners)")
+    return {"BACKENDS": "fake=" + "|".join(h.upstream_urls[:3])}
+
+
+def _chain_dead_first_env(h: Harness, dead_port: int) -> dict[str, str]:
+    return {"BACKENDS": f"fake={h.upstream_url},dead=http://{HOST}:{dead_port}/v1",
+            "ALIASES": "fake:gpt-bench=dead:gpt-bench|fake:gpt-bench"}
+
+
+SMALL_KIND = RequestKind("small", SMALL_REQUEST, sse=False)
+
+ROUTING_SCENARIOS = [
+    RoutingScenario("servers3_c64", "small chat, backend `fake` with 3 servers (`BACKENDS=fake=u1|u2|u3`)",
+                    64, _servers3_env),
+    RoutingScenario("chain_dead_first_c64", "small chat, alias chain `dead:gpt-bench|fake:gpt-bench`, "
+                    "first target refuses connections", 64, _chain_dead_first_env),
+]
+MIN_FAIR_SHARE = 0.5   # servers3: each server must get at least this fraction of an even share
+SECTION_NAMES = [sc.key for sc in SCENARIOS] + [sc.key for sc in ROUTING_SCENARIOS] + ["memory"]
+
+
+def port_refuses(port: int) -> bool:
+    """True when a TCP connect to ``port`` is refused (nobody listens): the dead backend stays dead."""
+    try:
+        with socket.create_connection((HOST, port), timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+def probe_chat(port: int, body: bytes = SMALL_REQUEST, timeout: float = 10.0) -> dict[str, Any]:
+    """One chat request, outside the measured load: who answered it (``x-gateway-backend`` and
+    ``x-gateway-model``), which says the gateway routes the way the scenario means."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        return {"status": resp.status, "bytes": len(data), "backend": resp.getheader("x-gateway-backend"),
+                "model": resp.getheader("x-gateway-model")}
+    except OSError as exc:
+        return {"status": None, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        conn.close()
+
+
+def _listener_counts(stats: dict[str, Any], key: str, n: int) -> list[int]:
+    return list(stats.get(key, [0] * n))[:n]
+
+
+def run_routing_scenario(h: Harness, sc: RoutingScenario, warmup: float, duration: float,
+                         log: Callable[[str], None]) -> dict[str, Any]:
+    """Restart the gateway with the scenario's environment, check one request routes as meant, run
+    the load, and count what each upstream port received meanwhile (warm-up and drain included:
+    the load generator's window is not visible from here, and the split is a ratio)."""
+    dead_port = free_port()          # bound then closed: nobody listens there
+    env = sc.env(h, dead_port)
+    out: dict[str, Any] = {"title": sc.title, "concurrency": sc.concurrency, "gateway_env": env}
+    shown = " ".join(f"{k}={v}" for k, v in env.items())
+    log(f"  {sc.key:15} gateway  c={sc.concurrency} (gateway restarted with {shown}) ...")
+    h.restart_gateway(extra_env=env)
+    n = len(h.upstream_ports)
+    before = h.upstream_stats()
+    out["probe"] = probe_chat(h.gateway_port)
+    res = h.run_load("gateway", [SMALL_KIND], sc.concurrency, warmup, duration)
+    add_gateway_cost(res)
+    after = h.upstream_stats()
+    out["gateway_alive"] = h.gateway is not None and h.gateway.poll() is None
+    if not out["gateway_alive"] or res["errors"]:   # its log is gone once the next gateway starts
+        out["gateway_log_tail"] = h.gateway_log_tail(40)
+    checks: list[str] = []          # what is wrong; empty = the scenario measured what it means to
+    probe = out["probe"]
+    if probe.get("status") != 200 or probe.get("backend") != "fake":
+        checks.append(f"probe request not answered 200 by backend fake: {probe}")
+    if sc.key == "servers3_c64":
+        reqs = [b - a for a, b in zip(_listener_counts(before, "requests_by_listener", n),
+                                      _listener_counts(after, "requests_by_listener", n))][:3]
+        conns = [b - a for a, b in zip(_listener_counts(before, "connections_by_listener", n),
+                                       _listener_counts(after, "connections_by_listener", n))][:3]
+        total = sum(reqs)
+        shares = [round(r / total, 3) if total else 0.0 for r in reqs]
+        out["split"] = {"ports": h.upstream_ports[:3], "requests": reqs, "shares": shares, "new_connections": conns}
+        if not total or min(shares) < MIN_FAIR_SHARE / len(reqs):
+            checks.append(f"load not spread over the 3 servers: requests {reqs}")
+    elif sc.key == "chain_dead_first_c64":
+        out["dead_port"] = dead_port
+        out["dead_port_refuses_after"] = port_refuses(dead_port)
+        out["upstream_requests"] = after["requests"] - before["requests"]
+        if not out["dead_port_refuses_after"]:
+            checks.append(f"port {dead_port} of the dead backend accepted a connection: something listens there")
+    if not out["gateway_alive"]:
+        checks.append("the gateway died during the run")
+    out["checks_failed"] = checks
+    out["gateway"] = res
+    log(f"      {res['rps']:>10,.1f} req/s  p50 {res['p50_ms']} ms  p99 {res['p99_ms']} ms"
+        f"  gw {res.get('gw_cpu_us_per_req')} µs/req  errors {res['errors']}"
+        + (f"  split {out['split']['requests']}" if "split" in out else "")
+        + (f"  CHECK FAILED: {'; '.join(checks)}" if checks else ""))
+    return out
+
+
+def run_routing_scenarios(h: Harness, warmup: float, duration: float, log: Callable[[str], None],
+                          only: set[str] | None = None, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each of ``ROUTING_SCENARIOS`` (those in ``only``) on a gateway of its own; the default gateway
+    is started again afterwards, whatever happened, so the harness is left as it was found.
+
+    ``reference`` is small_c64's result: its direct figure gives the direct/gateway ratio (and the
+    HARNESS-BOUND flag), its gateway figure the comparison.
+    """
+    results: dict[str, Any] = {}
+    todo = [sc for sc in ROUTING_SCENARIOS if only is None or sc.key in only]
+    if not todo:
+        return results
+    if h.gateway_cmd == "nginx":
+        log("  routing scenarios skipped: they configure the gateway itself, not nginx")
+        return results
+    try:
+        for sc in todo:
+            try:
+                out = run_routing_scenario(h, sc, warmup, duration, log)
+            except RuntimeError as exc:     # its gateway did not start (a setting it refuses, ...)
+                log(f"      FAILED: {exc}")
+                results[sc.key] = {"title": sc.title, "concurrency": sc.concurrency, "error": str(exc)}
+                continue
+            g = out["gateway"]
+            ratio = None
+            if reference:
+                d, base = reference["direct"], reference["gateway"]
+                ratio = round(d["rps"] / g["rps"], 1) if g["rps"] else None
+                # with errors the CPU went partly to failed requests: no per-request cost to compare
+                if base.get("gw_cpu_us_per_req") and g.get("gw_cpu_us_per_req") and not g["errors"]:
+                    out["vs_small_c64"] = {
+                        "gw_cpu_us_per_req_delta": round(g["gw_cpu_us_per_req"] - base["gw_cpu_us_per_req"], 1),
+                        "gw_cpu_ratio": round(g["gw_cpu_us_per_req"] / base["gw_cpu_us_per_req"], 3),
+                        "rps_ratio": round(g["rps"] / base["rps"], 3) if base["rps"] else None}
+            out["direct_over_gateway"] = ratio
+            g["harness_bound"] = is_harness_bound(g, ratio)
+            results[sc.key] = out
+    finally:
+        log("  restarting the default gateway ...")
+        h.restart_gateway()
     return results
 
 
@@ -1303,29 +1485,115 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"upstream SSE: {meta['sse_events_per_write']} event(s) per write, {meta['sse_gap_ms']} ms between writes "
         "(0 = back to back)",
         f"- {meta['cpu_model']}, {meta['cpus']} CPUs, Python {meta['python']}, {meta['date']}", "",
-        "### Direct capacity (load generator -> fake upstream, no gateway)", "",
     ]
-    cap = report["direct_capacity"]
-    verdict = "OK, the gateway is the bottleneck" if cap["ratio"] and cap["ratio"] >= 5 else \
-        "WARNING: below 5x, the harness may limit the gateway figures"
-    lines += [f"small chat at concurrency 64: **{_f(cap['direct_rps'])} req/s** direct vs "
-              f"{_f(cap['gateway_rps'])} req/s through the gateway = **{_f(cap['ratio'])}x** ({verdict})", ""]
+    if meta.get("only"):
+        lines += [f"- only: {', '.join(meta['only'])} (`--only`); the other scenarios and sections were not run", ""]
+    cap = report.get("direct_capacity")
+    if cap:
+        verdict = "OK, the gateway is the bottleneck" if cap["ratio"] and cap["ratio"] >= 5 else \
+            "WARNING: below 5x, the harness may limit the gateway figures"
+        lines += ["### Direct capacity (load generator -> fake upstream, no gateway)", "",
+                  f"small chat at concurrency 64: **{_f(cap['direct_rps'])} req/s** direct vs "
+                  f"{_f(cap['gateway_rps'])} req/s through the gateway = **{_f(cap['ratio'])}x** ({verdict})", ""]
+    if sc:
+        lines += _scenario_table(sc)
+    if report.get("routing"):
+        lines += _routing_section(report["routing"], sc.get("small_c64"))
 
-    lines += ["### Throughput, latency and cost per scenario", "",
-              "| scenario | path | conc | req/s | p50 ms | p99 ms | gw CPU µs/req | gw req/s per core (est.) | "
-              "gw CPU % | gw peak RSS MiB | aux CPU % | other CPU % | errors |",
-              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    lat = report.get("latency_c1")
+    if lat:
+        lines += ["### Added latency at concurrency 1", "",
+                  "| | p50 ms | p99 ms |", "|---|--:|--:|",
+                  f"| direct | {_f(lat['direct_p50_ms'], 3)} | {_f(lat['direct_p99_ms'], 3)} |",
+                  f"| through gateway | {_f(lat['gateway_p50_ms'], 3)} | {_f(lat['gateway_p99_ms'], 3)} |",
+                  f"| **added by gateway** | **{_f(lat['added_p50_ms'], 3)}** | **{_f(lat['added_p99_ms'], 3)}** |",
+                  ""]
+
+    mem = report["memory"]
+    st = mem.get("open_streams")
+    lines += ["### Memory", "", "| gateway RSS | MiB |", "|---|--:|",
+              f"| at rest (after start, before any load) | {_mb(mem['rss_at_rest_kb'])} |"]
+    if st:
+        lines += [f"| after a light warm-up (a few requests and streams) | {_mb(st['rss_before_kb'])} |",
+                  f"| with {st['opened']}/{st['streams']} slow streams open | {_mb(st['rss_with_streams_kb'])} |",
+                  f"| after those clients hung up | {_mb(st['rss_after_release_kb'])} |"]
+    lines += [f"| at the end, after all scenarios | {_mb(mem['rss_after_scenarios_kb'])} |", ""]
+    if st:
+        lines += [f"**{_f(st['kb_per_stream'])} KB per open stream**; gateway fds {st['fds_before']} -> "
+                  f"{st['fds_with_streams']} with streams -> {st['fds_after_release']} after hang-up; "
+                  f"upstream streams open {st['upstream_streams_open']}, still open 5 s after the clients "
+                  f"hung up: {st['upstream_streams_left_5s_after_hangup']}"
+                  + (" (the gateway does not cancel upstream requests of departed clients)"
+                     if st["upstream_streams_left_5s_after_hangup"] else ""), ""]
+    return "\n".join(lines)
+
+
+def _row_cells(r: dict[str, Any]) -> str:
+    """The figures of one run, as table cells from req/s to errors (see the table heads)."""
+    aux = r["cpu_pct"].get("loadgen", 0) + r["cpu_pct"].get("upstream", 0)
+    return (f"{_f(r['rps'])} | {_f(r['p50_ms'], 3)} | {_f(r['p99_ms'], 3)} | {_f(r.get('gw_cpu_us_per_req'))} | "
+            f"{_f(r.get('gw_rps_per_core_est'))} | {_f(r['cpu_pct'].get('gateway'))} | "
+            f"{_mb(r.get('gw_peak_rss_kb'))} | {_f(aux)} | {_f(r.get('other_cpu_pct'))} | "
+            f"{r['errors']}{' ' + json.dumps(r['error_kinds']) if r['errors'] else ''}")
+
+
+def _routing_section(routing: dict[str, Any], small: dict[str, Any] | None) -> list[str]:
+    """The routing scenarios beside small_c64's gateway row: what several servers, or a chain whose
+    first target is dead, cost the gateway per request over the plain case."""
+    lines = ["### Routing: several servers, and a fallback chain whose first target is dead", "",
+             "Each on a gateway restarted with its own environment; the same small chat as small_c64, whose "
+             "gateway row (one server, no alias) is the reference. Direct is small_c64's.", "",
+             "| scenario | conc | req/s | p50 ms | p99 ms | gw CPU µs/req | gw req/s per core (est.) | gw CPU % | "
+             "gw peak RSS MiB | aux CPU % | other CPU % | errors | gw CPU µs/req vs small_c64 | req/s vs small_c64 |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    if small:
+        lines.append(f"| small_c64 (reference: 1 server, no alias) | {small['concurrency']} | "
+                     f"{_row_cells(small['gateway'])} | - | - |")
+    notes: list[str] = []
+    for key, s in routing.items():
+        if "error" in s:
+            lines.append(f"| {key} | {s['concurrency']} | did not run: see below |" + " |" * 11)
+            notes.append(f"{key}: FAILED: {s['error'].splitlines()[0]}")
+            continue
+        vs = s.get("vs_small_c64")
+        delta = f"{vs['gw_cpu_us_per_req_delta']:+,.1f} ({(vs['gw_cpu_ratio'] - 1) * 100:+.0f}%)" if vs else "-"
+        rps = f"{vs['rps_ratio']:.2f}x" if vs and vs["rps_ratio"] else "-"
+        lines.append(f"| {key} | {s['concurrency']} | {_row_cells(s['gateway'])} | {delta} | {rps} |")
+        if "split" in s:
+            sp = s["split"]
+            notes.append(f"{key}: requests per server (ports {', '.join(map(str, sp['ports']))}; warm-up included) "
+                         f"**{' / '.join(f'{r:,}' for r in sp['requests'])}** = "
+                         f"{' / '.join(f'{x * 100:.1f}%' for x in sp['shares'])}; new upstream connections "
+                         f"{' / '.join(map(str, sp['new_connections']))}")
+        if "dead_port" in s:
+            notes.append(f"{key}: first target `dead` at port {s['dead_port']} (nobody listens; still refusing "
+                         f"after the run: {s['dead_port_refuses_after']}); {s['upstream_requests']:,} requests "
+                         "reached the fake upstream (its second target)")
+        p = s.get("probe", {})
+        notes.append(f"{key}: probe request answered {p.get('status')} by x-gateway-backend={p.get('backend')}, "
+                     f"x-gateway-model={p.get('model')}")
+        for failed in s.get("checks_failed", []):
+            notes.append(f"{key}: CHECK FAILED: {failed}")
+        if s["gateway"].get("harness_bound"):
+            notes.append(f"{key}: HARNESS-BOUND (see above): use gw req/s per core (est.)")
+        if s["gateway"]["errors"]:
+            notes.append(f"{key}: {s['gateway']['errors']:,} errors: its CPU µs/req divides the gateway's CPU by the "
+                         "successful requests only, so it is not the cost of a request")
+        notes += [f"{key}: error answer `{e}`" for e in dict.fromkeys(s["gateway"].get("error_samples", []))]
+    lines += ["", *(f"- {n}" for n in notes), ""]
+    return lines
+
+
+def _scenario_table(sc: dict[str, Any]) -> list[str]:
+    """The direct/gateway table of ``SCENARIOS`` and the warnings that go with it."""
+    lines = ["### Throughput, latency and cost per scenario", "",
+             "| scenario | path | conc | req/s | p50 ms | p99 ms | gw CPU µs/req | gw req/s per core (est.) | "
+             "gw CPU % | gw peak RSS MiB | aux CPU % | other CPU % | errors |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for s in sc.values():
         for target in ("direct", "gateway"):
-            r = s[target]
-            aux = r["cpu_pct"].get("loadgen", 0) + r["cpu_pct"].get("upstream", 0)
-            lines.append(
-                f"| {s['title'] if target == 'direct' else ''} | {target} | {s['concurrency']} | {_f(r['rps'])} | "
-                f"{_f(r['p50_ms'], 3)} | {_f(r['p99_ms'], 3)} | {_f(r.get('gw_cpu_us_per_req'))} | "
-                f"{_f(r.get('gw_rps_per_core_est'))} | "
-                f"{_f(r['cpu_pct'].get('gateway'))} | {_mb(r.get('gw_peak_rss_kb'))} | {_f(aux)} | "
-                f"{_f(r.get('other_cpu_pct'))} | "
-                f"{r['errors']}{' ' + json.dumps(r['error_kinds']) if r['errors'] else ''} |")
+            lines.append(f"| {s['title'] if target == 'direct' else ''} | {target} | {s['concurrency']} | "
+                         f"{_row_cells(s[target])} |")
     lines.append("")
     ratios = ", ".join(f"{k} {_f(s['direct_over_gateway'])}x" for k, s in sc.items())
     lines += [f"direct / gateway throughput: {ratios}", ""]
@@ -1356,30 +1624,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += [f"SSE through the gateway: {_f(g['rps'])} streams/s = "
                   f"{_f(g['rps'] * SSE_EXPECTED_EVENTS, 0)} events/s ({rate}); every stream checked for "
                   f"{SSE_EXPECTED_EVENTS} events, {SSE_BODY_LEN} B and the final [DONE].", ""]
-
-    lat = report["latency_c1"]
-    lines += ["### Added latency at concurrency 1", "",
-              "| | p50 ms | p99 ms |", "|---|--:|--:|",
-              f"| direct | {_f(lat['direct_p50_ms'], 3)} | {_f(lat['direct_p99_ms'], 3)} |",
-              f"| through gateway | {_f(lat['gateway_p50_ms'], 3)} | {_f(lat['gateway_p99_ms'], 3)} |",
-              f"| **added by gateway** | **{_f(lat['added_p50_ms'], 3)}** | **{_f(lat['added_p99_ms'], 3)}** |", ""]
-
-    mem = report["memory"]
-    st = mem["open_streams"]
-    lines += ["### Memory", "",
-              "| gateway RSS | MiB |", "|---|--:|",
-              f"| at rest (after start, before any load) | {_mb(mem['rss_at_rest_kb'])} |",
-              f"| after a light warm-up (a few requests and streams) | {_mb(st['rss_before_kb'])} |",
-              f"| with {st['opened']}/{st['streams']} slow streams open | {_mb(st['rss_with_streams_kb'])} |",
-              f"| after those clients hung up | {_mb(st['rss_after_release_kb'])} |",
-              f"| at the end, after all scenarios | {_mb(mem['rss_after_scenarios_kb'])} |", "",
-              f"**{_f(st['kb_per_stream'])} KB per open stream**; gateway fds {st['fds_before']} -> "
-              f"{st['fds_with_streams']} with streams -> {st['fds_after_release']} after hang-up; "
-              f"upstream streams open {st['upstream_streams_open']}, still open 5 s after the clients "
-              f"hung up: {st['upstream_streams_left_5s_after_hangup']}"
-              + (" (the gateway does not cancel upstream requests of departed clients)"
-                 if st["upstream_streams_left_5s_after_hangup"] else ""), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _cpu_model() -> str:
@@ -1408,9 +1653,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sse-events-per-write", type=int, default=1,
                     help="SSE events per upstream write (default 1: each event its own send and TCP segment; "
                          "more gives the harness headroom over a fast gateway, but fewer, larger reads)")
+    ap.add_argument("--only", metavar="SCENARIO[,SCENARIO]",
+                    help="run only these, e.g. small_c64,servers3_c64,chain_dead_first_c64; names: "
+                         + ", ".join(SECTION_NAMES) + " (memory = the open-streams measurement)")
     ap.add_argument("--log-level", default="warning",
                     help="the gateway's LOG_LEVEL (default warning; info writes one access line per request)")
     args = ap.parse_args(argv)
+    only: set[str] | None = None
+    if args.only:
+        only = {name.strip() for name in args.only.split(",") if name.strip()}
+        if unknown := only - set(SECTION_NAMES):
+            ap.error(f"--only: unknown {', '.join(sorted(unknown))}; known: {', '.join(SECTION_NAMES)}")
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
 
@@ -1428,17 +1681,19 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
         rest_kb = rss_kb(h.gateway_pid)
         rest_fds = fd_count(h.gateway_pid)
-        streams = measure_open_streams(h, args.streams, log)
-        scenarios = run_scenarios(h, warmup, duration, log)
+        streams = measure_open_streams(h, args.streams, log) if only is None or "memory" in only else None
+        scenarios = run_scenarios(h, warmup, duration, log, only)
         end_kb = rss_kb(h.gateway_pid)
         gateway_alive = h.gateway is not None and h.gateway.poll() is None
-        log_tail = h.gateway_log_tail()
+        log_tail = h.gateway_log_tail()      # before a routing scenario's gateway writes its own log
+        routing = run_routing_scenarios(h, warmup, duration, log, only, scenarios.get("small_c64"))
         upstream = h.upstream_stats()
-    small = scenarios["small_c64"]
-    c1 = scenarios["small_c1"]
+    small = scenarios.get("small_c64")
+    c1 = scenarios.get("small_c1")
     report = {
         "meta": {
             "gateway_cmd": args.gateway_cmd, "gateway_file": harness.gateway_file,
+            "only": sorted(only) if only else None,
             "workers": args.workers, "log_level": args.log_level,
             "gateway_cpus": args.gateway_cpus, "aux_cpus": args.aux_cpus, "pinned": harness.pinned,
             "warmup_s": warmup, "duration_s": duration, "sse_gap_ms": args.sse_gap_ms,
@@ -1449,33 +1704,40 @@ def main(argv: list[str] | None = None) -> int:
             "response_bytes": {"json": len(JSON_ANSWER), "sse": SSE_BODY_LEN, "sse_events": SSE_EXPECTED_EVENTS},
         },
         "direct_capacity": {"direct_rps": small["direct"]["rps"], "gateway_rps": small["gateway"]["rps"],
-                            "ratio": small["direct_over_gateway"]},
+                            "ratio": small["direct_over_gateway"]} if small else None,
         "scenarios": scenarios,
+        "routing": routing,
         "latency_c1": {
             "direct_p50_ms": c1["direct"]["p50_ms"], "direct_p99_ms": c1["direct"]["p99_ms"],
             "gateway_p50_ms": c1["gateway"]["p50_ms"], "gateway_p99_ms": c1["gateway"]["p99_ms"],
             "added_p50_ms": round(c1["gateway"]["p50_ms"] - c1["direct"]["p50_ms"], 3),
             "added_p99_ms": round(c1["gateway"]["p99_ms"] - c1["direct"]["p99_ms"], 3),
-        },
+        } if c1 else None,
         "memory": {"rss_at_rest_kb": rest_kb, "fds_at_rest": rest_fds, "open_streams": streams,
                    "rss_after_scenarios_kb": end_kb},
         "upstream_stats": upstream,
         "gateway_alive_at_end": gateway_alive,
     }
-    for s in scenarios.values():          # keep the JSON readable
-        for target in ("direct", "gateway"):
-            s[target].pop("per_kind", None)
-            s[target].pop("rss_timeline", None)
+    for run in [s[t] for s in scenarios.values() for t in ("direct", "gateway")] + \
+            [s["gateway"] for s in routing.values() if "gateway" in s]:      # keep the JSON readable
+        run.pop("per_kind", None)
+        run.pop("rss_timeline", None)
     print(markdown_report(report))
     if not gateway_alive:
         print(f"\nWARNING: the gateway died during the run; log tail:\n{log_tail}")
+    for key, s in routing.items():
+        if s.get("gateway_log_tail"):
+            print(f"\n{key}: errors or a dead gateway; the tail of its gateway's log:\n{s['gateway_log_tail']}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         log(f"JSON report written to {args.json}")
     else:
         print("\n### JSON\n\n```json\n" + json.dumps(report, indent=2) + "\n```")
-    total_errors = sum(s[t]["errors"] for s in scenarios.values() for t in ("direct", "gateway"))
-    return 1 if total_errors or not gateway_alive else 0
+    total_errors = sum(s[t]["errors"] for s in scenarios.values() for t in ("direct", "gateway")) + \
+        sum(s["gateway"]["errors"] for s in routing.values() if "gateway" in s)
+    # a routing scenario that did not run, or did not route as meant (load not spread, ...), fails the run
+    routing_failed = [k for k, s in routing.items() if "error" in s or s.get("checks_failed")]
+    return 1 if total_errors or not gateway_alive or routing_failed else 0
 
 
 if __name__ == "__main__":
