@@ -390,8 +390,9 @@ def pick_server(backend: Backend, model: str, tried: set[Server], now: float) ->
 def eject(server: Server, now: float) -> None:
     """Leave `server` out for a cooldown: near 5 s after one failure, doubling with each more, at most 60 s."""
     server.failures += 1
-    cooldown = min(COOLDOWN_MAX, COOLDOWN_FIRST * 2 ** min(server.failures - 1, 16))  # a dead server fails for ever
-    server.ejected_until = now + cooldown * random.uniform(0.9, 1.1)  # servers ejected together come back apart
+    cooldown = COOLDOWN_FIRST * 2 ** min(server.failures - 1, 16)  # a dead server fails for ever
+    cooldown *= random.uniform(0.9, 1.1)  # servers ejected together come back apart
+    server.ejected_until = now + min(cooldown, COOLDOWN_MAX)
     server.on_trial = False
 
 
