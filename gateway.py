@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import ctypes
 import enum
 import functools
 import gc
+import hashlib
 import hmac
 import logging
 import os
 import random
 import re
 import secrets
+import shutil
 import ssl
 import sys
+import tempfile
 import time
 import zlib
 from collections import deque
@@ -39,11 +43,15 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 import httptools
 import httpx
 import msgspec
+import prometheus_client
+import prometheus_client.multiprocess
 import uvicorn
 from dotenv import load_dotenv
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -117,6 +125,7 @@ class Settings:
     gateway_id: str
     log_level: str
     aliases: dict[str, tuple[str, ...]]  # exact model name -> its targets, a fallback chain
+    cors_origins: tuple[str, ...]
     alias_patterns: tuple[tuple[str, tuple[str, ...]], ...] = ()  # name prefix -> targets, longest first
 
     @functools.cached_property
@@ -133,6 +142,8 @@ class Settings:
         }
         for name, url in _parse_backends(env.get("BACKENDS", "")):
             backends[name] = _backend(env, name, url)
+        if env.get("ECHO_BACKEND", "on").strip().lower() not in ("off", "0", "false", "no"):
+            backends.setdefault("echo", Backend("echo", (Server(ECHO_URL),), None))
         default = env.get("DEFAULT_BACKEND", "openai").strip() or None
         if default is not None and default not in backends:
             raise ConfigError(f"DEFAULT_BACKEND={default!r} is not a backend; choose one of {', '.join(backends)}")
@@ -151,6 +162,7 @@ class Settings:
             gateway_api_keys=tuple(k.strip().encode() for k in env.get("GATEWAY_API_KEYS", "").split(",") if k.strip()),
             gateway_id=_gateway_id(env.get("GATEWAY_ID", "").strip() or secrets.token_hex(6)),
             log_level=_log_level(env.get("LOG_LEVEL") or "info"),
+            cors_origins=tuple(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()),
             aliases={name: chain for name, chain in aliases if not name.endswith("*")},
             alias_patterns=tuple(sorted(
                 ((name[:-1], chain) for name, chain in aliases if name.endswith("*")), key=lambda p: -len(p[0])
@@ -989,6 +1001,111 @@ def _request_head(request: httpx.Request) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
+# The echo backend: a model on every machine, answered by the gateway itself
+# ---------------------------------------------------------------------------------------------
+
+ECHO_URL = "echo://gateway/v1"  # served by EchoTransport, mounted on the shared client
+ECHO_PAUSE = 0.02  # seconds between two words of an echo stream, so that it streams as a model would
+
+
+class EchoTransport(httpx.AsyncBaseTransport):
+    """The built-in `echo` backend: chat and text completions answered with the last user message
+    (or the prompt), as JSON or, with `"stream": true`, as server-sent events word by word, each
+    with a `usage` object. The gateway, its page and any client can be tried with no LLM at all,
+    and client authors get a fixed, offline fake."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix("/v1")
+        if request.method == "GET" and path == "/models":
+            return echo_json(200, {"object": "list", "data": [{"id": "echo", "object": "model", "created": 0,
+                                                               "owned_by": "llm-gateway"}]})
+        if request.method == "GET" and path.startswith("/models/"):
+            return echo_json(200, {"id": unquote_to_bytes(path[8:]).decode("utf-8", "replace"), "object": "model",
+                                   "created": 0, "owned_by": "llm-gateway"})
+        if request.method != "POST" or path not in TEXT_GENERATION_PATHS:
+            return echo_json(404, {"error": {"message": "the echo backend answers chat and text completions only",
+                                             "type": "invalid_request_error", "param": None, "code": "unknown_url"}})
+        payload = JSON_DECODER.decode(await request.aread())
+        chat = path == "/chat/completions"
+        text = _last_user_text(payload.get("messages")) if chat else _prompt_text(payload.get("prompt"))
+        words = text.split()
+        usage = {"prompt_tokens": len(_all_text(payload).split()), "completion_tokens": len(words)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        model, created = str(payload.get("model", "echo")), int(time.time())
+        if payload.get("stream"):
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  stream=EchoStream(words, model, created, chat, usage))
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": "stop"}
+            return echo_json(200, {"id": "chatcmpl-echo", "object": "chat.completion", "created": created,
+                                   "model": model, "choices": [choice], "usage": usage})
+        choice = {"index": 0, "text": " ".join(words), "logprobs": None, "finish_reason": "stop"}
+        return echo_json(200, {"id": "cmpl-echo", "object": "text_completion", "created": created, "model": model,
+                               "choices": [choice], "usage": usage})
+
+
+def echo_json(status: int, body: dict[str, Any]) -> httpx.Response:
+    content = JSON_ENCODER.encode(body)
+    headers = {"content-type": "application/json", "content-length": str(len(content))}
+    return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content))  # unread, like an upstream's
+
+
+def _text_of(content: Any) -> str:
+    """A message's text: a string, or the text parts of a list of parts."""
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _last_user_text(messages: Any) -> str:
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"] if isinstance(messages, list) else []
+    return _text_of(users[-1].get("content")) if users else ""
+
+
+def _prompt_text(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else prompt[0] if isinstance(prompt, list) and prompt else ""
+
+
+def _all_text(payload: dict[str, Any]) -> str:
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        return " ".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict))
+    return _prompt_text(payload.get("prompt"))
+
+
+class EchoStream(httpx.AsyncByteStream):
+    """An echo answer as OpenAI's server-sent events: a chunk per word, then the usage, then [DONE]."""
+
+    def __init__(self, words: list[str], model: str, created: int, chat: bool, usage: dict[str, int]) -> None:
+        self.words, self.model, self.created, self.chat, self.usage = words, model, created, chat, usage
+
+    def event(self, text: str | None, finish: str | None = None, first: bool = False) -> bytes:
+        """One event: a piece of text, or (None) the last one, which has no choices and the usage."""
+        if text is None:
+            choices: list[dict[str, Any]] = []
+        elif self.chat:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+        else:
+            choices = [{"index": 0, "text": text, "finish_reason": finish}]
+        kind = ("chatcmpl-echo", "chat.completion.chunk") if self.chat else ("cmpl-echo", "text_completion")
+        body = {"id": kind[0], "object": kind[1], "created": self.created, "model": self.model, "choices": choices}
+        if text is None:
+            body["usage"] = self.usage
+        return b"data: " + JSON_ENCODER.encode(body) + b"\n\n"
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.chat:
+            yield self.event("", first=True)
+        for n, word in enumerate(self.words):
+            await asyncio.sleep(ECHO_PAUSE)
+            yield self.event(word if n == 0 else " " + word)
+        yield self.event("", "stop")
+        yield self.event(None)
+        yield b"data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # The answer coming back: streamed chunk by chunk, with the client's disconnect watched throughout
 # ---------------------------------------------------------------------------------------------
 
@@ -1022,7 +1139,8 @@ class UpstreamClient(httpx.AsyncClient):
     """
 
     def __init__(self, plain_http: httpx.AsyncBaseTransport, **kwargs: Any) -> None:
-        super().__init__(mounts={"http://": plain_http}, **kwargs)  # mounted, so httpx opens and closes it
+        # mounted, so httpx opens and closes them
+        super().__init__(mounts={"http://": plain_http, "echo://": EchoTransport()}, **kwargs)
         self.plain_http = plain_http
         self.no_cookies = NoCookies()
 
@@ -1181,19 +1299,27 @@ class Plan:
         return upstream_request("POST", server.url + self.path, self.request, headers, body)
 
 
-def settle(attempt: Attempt, status: int | None, exc: Exception | None, now: float) -> None:
-    """Record how `attempt` went, for its server's health and for the access line."""
-    server = attempt.server
+def settle(attempt: Attempt, status: int | None, exc: Exception | None, now: float, metrics: Metrics) -> None:
+    """Record how `attempt` went: for its server's health, the metrics and the access line."""
+    server, backend = attempt.server, attempt.target.backend.name
     if exc is not None:
         attempt.outcome = type(exc).__name__
-        if not isinstance(exc, httpx.TimeoutException) or isinstance(exc, httpx.ConnectTimeout):
-            eject(server, now)  # unreachable, or reset before answering: a slow answer is no failure
+        kind = ("unreachable" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else
+                "timeout" if isinstance(exc, httpx.TimeoutException) else
+                "reset" if isinstance(exc, httpx.RemoteProtocolError) else type(exc).__name__)
+        metrics.child(metrics.failures, backend, server.safe_url, kind).inc()
+        if kind != "timeout":  # unreachable, or reset before answering: a slow answer is no failure
+            eject(server, now)
+            metrics.child(metrics.ejections, backend, server.safe_url).inc()
         else:
             server.on_trial = False
         return
     attempt.outcome = str(status)
+    if status in RETRYABLE_STATUS:
+        metrics.child(metrics.failures, backend, server.safe_url, str(status)).inc()
     if status in EJECTING_STATUS:
         eject(server, now)
+        metrics.child(metrics.ejections, backend, server.safe_url).inc()
     else:
         server.failures, server.on_trial = 0, False
         if status is not None and status < 300:
@@ -1211,6 +1337,15 @@ class Relay:
 
     def __init__(self, client: httpx.AsyncClient, plan: Plan) -> None:
         self.client, self.plan = client, plan
+        self.metrics: Metrics = plan.request.app.state.metrics
+
+    def begin(self, attempt: Attempt) -> None:
+        attempt.server.in_flight += 1
+        self.metrics.child(self.metrics.in_flight, attempt.target.backend.name, attempt.server.safe_url).inc()
+
+    def end(self, attempt: Attempt) -> None:
+        attempt.server.in_flight -= 1
+        self.metrics.child(self.metrics.in_flight, attempt.target.backend.name, attempt.server.safe_url).dec()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with cancelled_if_client_leaves(receive) as watch:
@@ -1226,13 +1361,24 @@ class Relay:
             if len(self.plan.attempts) > 1 and response.status_code in RETRYABLE_STATUS:
                 headers.append((b"x-should-retry", b"false"))  # the gateway tried every target: no SDK retries on top
             await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            # The usage is read from what was passed on: a JSON answer whole, a stream's last two chunks.
+            whole: list[bytes] | None = [] if response.headers.get("content-type", "").startswith(
+                "application/json") and "content-encoding" not in response.headers else None
+            before, last, kept = b"", b"", 0
             async for chunk in response.stream:  # the raw body: no decoding, no re-chunking
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                before, last = last, chunk
+                if whole is not None:
+                    whole.append(chunk)
+                    if (kept := kept + len(chunk)) > MAX_USAGE_SCAN:
+                        whole = None
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if response.status_code < 300 and (usage := usage_of(b"".join(whole) if whole else before + last)):
+                self.metrics.tokens(target.backend.name, target.model, usage)
         except httpx.HTTPError as exc:
             scope["state"]["outcome"] = f"upstream failed mid-stream: {type(exc).__name__}"
         finally:
-            attempt.server.in_flight -= 1
+            self.end(attempt)
             await response.aclose()
             del response.stream  # httpx's response and its stream refer to each other: unlinked, both go now
 
@@ -1244,15 +1390,15 @@ class Relay:
         attempt = self.plan.next()
         assert attempt is not None
         while True:
-            attempt.server.in_flight += 1
+            self.begin(attempt)
             state["backend"], state["model"] = attempt.target.backend.name, attempt.target.model
             if len(attempt.target.backend.servers) > 1:
                 state["server"] = attempt.server.safe_url
             try:
                 response = await self.client.send(attempt.request, stream=True)
             except httpx.HTTPError as exc:
-                attempt.server.in_flight -= 1
-                settle(attempt, None, exc, loop.time())
+                self.end(attempt)
+                settle(attempt, None, exc, loop.time(), self.metrics)
                 if (following := self.plan.next()) is None:
                     self.log_attempts(state)
                     error = upstream_failure(exc, attempt.target.backend, attempt.request.url)
@@ -1260,20 +1406,22 @@ class Relay:
                         error.headers["x-should-retry"] = "false"
                     raise error from None
             except BaseException:  # the client left, or the gateway is stopping: no verdict on the server
-                attempt.server.in_flight -= 1
+                self.end(attempt)
                 attempt.server.on_trial = False
                 raise
             else:
                 status = response.status_code
                 if status not in RETRYABLE_STATUS or (following := self.plan.next()) is None:
-                    settle(attempt, status, None, loop.time())
+                    settle(attempt, status, None, loop.time(), self.metrics)
                     self.log_attempts(state)
                     if status == 404 and len(attempt.target.backend.servers) > 1:
                         self.plan.request.app.state.models_stale.set()  # a server may have lost the model
                     return response, attempt
-                attempt.server.in_flight -= 1
-                settle(attempt, status, None, loop.time())
+                self.end(attempt)
+                settle(attempt, status, None, loop.time(), self.metrics)
                 await response.aclose()
+            if following.target is not attempt.target:
+                self.metrics.child(self.metrics.fallbacks, attempt.target.backend.name).inc()
             attempt = following
 
     def log_attempts(self, state: dict[str, Any]) -> None:
@@ -1282,6 +1430,169 @@ class Relay:
             state["attempts"] = ", ".join(
                 f"{a.target.name}@{a.server.safe_url}={a.outcome}" for a in attempts
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: Prometheus's text format, for one process or all the workers of `--workers N`
+# ---------------------------------------------------------------------------------------------
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by `python gateway.py --workers N` for its workers
+prometheus_client.disable_created_metrics()  # a `_created` series beside every counter says nothing here
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+MAX_MODEL_LABELS = 1000  # model names with a label of their own; every other name is "other"
+MAX_USAGE_SCAN = 1024 * 1024  # a JSON answer up to this size is read again for its usage
+
+
+class Metrics:
+    """What `GET /metrics` shows, counted as requests go.
+
+    A model name is a label value a client chooses, so it gets a label of its own only once a
+    backend listed it, answered it with a 2xx, or an alias names it, and only up to
+    MAX_MODEL_LABELS names: a client sending random names cannot grow the gateway's memory.
+    Labelled series are looked up once and kept, since prometheus_client's own lookup costs more
+    than the count.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.registry = registry = prometheus_client.CollectorRegistry(auto_describe=True)
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR))
+        metric = functools.partial  # each metric of this app's own registry
+        counter, gauge = metric(Counter, registry=registry), metric(Gauge, registry=registry)
+        histogram = metric(Histogram, registry=registry, buckets=LATENCY_BUCKETS)
+        self.requests = counter("llm_gateway_requests", "Requests answered, by backend, model and status.",
+                                ["backend", "model", "status"])
+        self.first_byte = histogram(
+            "llm_gateway_time_to_first_byte_seconds", "Time from a request to the first byte of its answer; for a "
+            "stream, the time to the first token.", ["backend"])
+        self.duration = histogram("llm_gateway_request_duration_seconds", "Time from a request to the end of its "
+                                  "answer.", ["backend"])
+        self.in_flight = gauge("llm_gateway_server_requests_in_flight", "Requests in flight to a server.",
+                               ["backend", "server"], multiprocess_mode="livesum")
+        self.failures = counter("llm_gateway_upstream_failures", "Attempts a server failed, by kind: "
+                                "unreachable, timeout, reset, or the status it answered.", ["backend", "server", "kind"])
+        self.fallbacks = counter("llm_gateway_fallbacks", "Requests moved on from a target of their chain to the "
+                                 "next, by the backend left.", ["backend"])
+        self.ejections = counter("llm_gateway_ejections", "Times a server was ejected for a cooldown.",
+                                 ["backend", "server"])
+        self.server_up = gauge("llm_gateway_server_up", "1 while a server takes requests, 0 while it is ejected.",
+                               ["backend", "server"], multiprocess_mode="livemin")
+        self.prompt_tokens = counter("llm_gateway_prompt_tokens", "Prompt tokens, from the usage the backend sent.",
+                                     ["backend", "model"])
+        self.completion_tokens = counter("llm_gateway_completion_tokens", "Completion tokens, from the usage the "
+                                         "backend sent.", ["backend", "model"])
+        if not self.multiprocess:
+            prometheus_client.ProcessCollector(registry=registry)
+            prometheus_client.GCCollector(registry=registry)
+        self.known = {model for chain in [*settings.aliases.values(), *(c for _, c in settings.alias_patterns)]
+                      for name in chain for model in (name, name.partition(":")[2]) if model}
+        self.known.update(settings.aliases)
+        self.series: dict[tuple[Any, ...], Any] = {}
+        self.backends = settings.backends
+        self.totals = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}  # for the page
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        if (series := self.series.get(key)) is None:
+            series = self.series[key] = metric.labels(*labels)
+        return series
+
+    def model(self, name: str) -> str:
+        return name if name in self.known else "other"
+
+    def learn(self, names: Iterable[str]) -> None:
+        """Model names a backend listed or answered: they earn a label, while there is room."""
+        for name in names:
+            if len(self.known) >= MAX_MODEL_LABELS:
+                return
+            self.known.add(name)
+
+    def answered(self, backend: str | None, model: str | None, status: int, first_byte: float, total: float) -> None:
+        self.totals["requests"] += 1
+        self.totals["errors"] += status >= 500
+        if backend is None:
+            self.child(self.requests, "-", "-", str(status)).inc()
+            return
+        if model is not None and 200 <= status < 300:
+            self.learn((model,))
+        self.child(self.requests, backend, self.model(model or "-"), str(status)).inc()
+        self.child(self.first_byte, backend).observe(first_byte)
+        self.child(self.duration, backend).observe(total)
+
+    def tokens(self, backend: str, model: str, usage: Mapping[str, Any]) -> None:
+        """Tokens of a 2xx answer, whose model has just earned its label."""
+        self.learn((model,))
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        label = self.model(model)
+        if isinstance(prompt, int) and prompt >= 0:
+            self.child(self.prompt_tokens, backend, label).inc(prompt)
+            self.totals["prompt_tokens"] += prompt
+        if isinstance(completion, int) and completion >= 0:
+            self.child(self.completion_tokens, backend, label).inc(completion)
+            self.totals["completion_tokens"] += completion
+
+    def counters(self) -> dict[str, int]:
+        """This process's totals since it started, and its requests in flight, for the page."""
+        in_flight = sum(server.in_flight for backend in self.backends.values() for server in backend.servers)
+        return {**self.totals, "in_flight": in_flight}
+
+    def exposition(self) -> bytes:
+        """The text format: this process's figures, or with `--workers`, every worker's together."""
+        now = asyncio.get_running_loop().time()
+        for backend in self.backends.values():  # a server's state now, not at its last request
+            for server in backend.servers:
+                up = server.ejected_until <= now
+                self.child(self.server_up, backend.name, server.safe_url).set(1 if up else 0)
+        if not self.multiprocess:
+            return prometheus_client.generate_latest(self.registry)
+        registry = prometheus_client.CollectorRegistry()
+        prometheus_client.multiprocess.MultiProcessCollector(registry)
+        registry.register(WorkerProcesses(os.environ[MULTIPROCESS_DIR]))
+        return prometheus_client.generate_latest(registry)
+
+
+class WorkerProcesses:
+    """The process figures of every worker whose metrics are in the multiprocess directory (the
+    multiprocess collector leaves process figures out), labelled by pid."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Any]:
+        cpu = prometheus_client.core.CounterMetricFamily(
+            "process_cpu_seconds", "CPU time of a worker, user and system.", labels=["pid"])
+        memory = prometheus_client.core.GaugeMetricFamily(
+            "process_resident_memory_bytes", "Resident memory of a worker.", labels=["pid"])
+        pids = {match.group(1) for path in Path(self.directory).glob("*.db")
+                if (match := re.search(r"_(\d+)\.db$", path.name))}
+        ticks, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+        for pid in sorted(pids):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                resident = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            except (OSError, IndexError, ValueError):  # a worker that is gone
+                continue
+            cpu.add_metric([pid], (int(stat[11]) + int(stat[12])) / ticks)
+            memory.add_metric([pid], resident * page)
+        return [cpu, memory]
+
+
+def usage_of(body: bytes) -> dict[str, Any] | None:
+    """The `usage` object of a JSON answer, or of the last server-sent event that carries one in
+    the tail of a stream; None when there is none."""
+    if b'"usage"' not in body:
+        return None
+    if body.lstrip().startswith(b"{"):
+        candidates = [body]
+    else:  # events: the last data line that holds a usage
+        candidates = [line[5:] for line in reversed(body.split(b"\n")) if line.startswith(b"data:") and b'"usage"' in line]
+    for candidate in candidates:
+        try:
+            usage = JSON_DECODER.decode(candidate).get("usage")
+        except (ValueError, RecursionError, AttributeError):
+            continue
+        if isinstance(usage, dict):
+            return usage
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1399,6 +1710,7 @@ async def _server_models(request: Request, backend: Backend, server: Server) -> 
         )
         if len(backend.servers) > 1:
             server.models = frozenset(model["id"] for model in models)
+        request.app.state.metrics.learn(model["id"] for model in models)
         return models
     except ModelListUnusable as exc:
         logger.warning("models of backend %s at %s left out: %s", backend.name, server.safe_url, exc)
@@ -1431,7 +1743,9 @@ MODELS_REFRESH = 30.0  # seconds between two looks at the model lists of backend
 MODELS_REFRESH_GAP = 5.0  # seconds at least between two looks, however many 404s ask for one
 
 
-async def keep_model_lists(client: httpx.AsyncClient, settings: Settings, stale: asyncio.Event) -> None:
+async def keep_model_lists(
+    client: httpx.AsyncClient, settings: Settings, stale: asyncio.Event, metrics: Metrics
+) -> None:
     """Learn which models each server of a backend with several servers lists, at start, every
     MODELS_REFRESH seconds, and soon after a 404 (`stale`), so that requests go to a server that
     has their model. A backend with one server is never asked unprompted."""
@@ -1448,6 +1762,7 @@ async def keep_model_lists(client: httpx.AsyncClient, settings: Settings, stale:
         try:
             models = await fetch_model_list(client, request, settings.models_timeout)
             server.models = frozenset(model["id"] for model in models)
+            metrics.learn(server.models)
         except ModelListUnusable as exc:
             logger.debug("models of backend %s at %s not learnt: %s", backend.name, server.safe_url, exc)
 
@@ -1574,6 +1889,131 @@ async def health(request: Request) -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
+async def metrics_page(request: Request) -> Response:
+    """`GET /metrics`: Prometheus's text format; it needs a gateway key like every route when keys are set."""
+    admit(request)
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+VERSION = "0.1.0"
+
+
+async def status(request: Request) -> Response:
+    """`GET /gateway/status`: what the page at `/` shows, the gateway at a glance."""
+    admit(request)
+    settings: Settings = request.app.state.settings
+    metrics: Metrics = request.app.state.metrics
+    now = asyncio.get_running_loop().time()
+    backends = [
+        {"name": backend.name, "default": backend.name == settings.default_backend,
+         "key_configured": backend.api_key is not None,
+         "servers": [{"url": server.safe_url, "state": "up" if server.ejected_until <= now else "ejected",
+                      "in_flight": server.in_flight, "failures": server.failures,
+                      "ejected_for_s": round(max(0.0, server.ejected_until - now), 1),
+                      "models": sorted(server.models) if server.models is not None else None}
+                     for server in backend.servers]}
+        for backend in settings.backends.values()
+    ]
+    aliases = [{"name": name, "targets": list(chain)} for name, chain in settings.aliases.items()]
+    aliases += [{"name": prefix + "*", "targets": list(chain)} for prefix, chain in settings.alias_patterns]
+    body = {
+        "gateway": {"id": settings.gateway_id, "version": VERSION, "keys_required": bool(settings.gateway_api_keys),
+                    "uptime_s": round(time.monotonic() - request.app.state.started, 1)},
+        "backends": backends, "aliases": aliases, "counters": metrics.counters(),
+    }
+    return Response(JSON_ENCODER.encode(body), media_type="application/json")
+
+
+class Page:
+    """An HTML page shipped beside this module, served with a Content-Security-Policy that allows its
+    own one inline script and one inline style, by their hashes, and nothing from anywhere else."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @functools.cached_property
+    def response(self) -> tuple[bytes, dict[str, str]]:
+        beside, installed = Path(__file__).with_name(self.name), Path(sys.prefix, "share", "llm-gateway", self.name)
+        html = (beside if beside.exists() else installed).read_bytes()
+
+        def hashes(tag: bytes) -> str:
+            blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), html, re.DOTALL)
+            return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b).digest()).decode()}'" for b in blocks)
+
+        policy = (f"default-src 'none'; script-src {hashes(b'script') or chr(39) + 'none' + chr(39)}; "
+                  f"style-src {hashes(b'style') or chr(39) + 'none' + chr(39)}; connect-src 'self'; img-src 'self' data:; "
+                  "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+        return html, {"content-security-policy": policy, "x-content-type-options": "nosniff",
+                      "referrer-policy": "no-referrer", "cache-control": "no-cache"}
+
+    async def __call__(self, request: Request) -> Response:
+        html, headers = self.response
+        return Response(html, headers=headers, media_type="text/html; charset=utf-8")
+
+
+async def openapi(request: Request) -> Response:
+    """`GET /openapi.json`: the gateway's own API as an OpenAPI 3.1 document."""
+    settings: Settings = request.app.state.settings
+    return Response(JSON_ENCODER.encode(openapi_document(settings)), media_type="application/json")
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    error = {"description": "An error in OpenAI's shape", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}}
+    routed = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["model"], "properties": {"model": {"type": "string", "description":
+            "<backend>:<model>, an alias, or a fallback chain of models separated by '|'"}},
+        "additionalProperties": True}}}},
+        "responses": {"200": {"description": "The backend's answer, relayed byte for byte (JSON, or "
+                                             "server-sent events with \"stream\": true)"},
+                      "400": error, "401": error, "413": error, "502": error, "504": error}}
+
+    def post(summary: str, description: str) -> dict[str, Any]:
+        return {"post": {"summary": summary, "description": description, **routed}}
+
+    def get(summary: str, description: str, media: str = "application/json", **extra: Any) -> dict[str, Any]:
+        return {"get": {"summary": summary, "description": description, **extra,
+                        "responses": {"200": {"description": "OK", "content": {media: {}}}, "401": error}}}
+
+    model = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llm-gateway", "version": VERSION, "description": (
+            "An OpenAI-compatible gateway: the backend is chosen by a prefix on the model name "
+            "(ollama:qwen2.5, openai:gpt-4.1-mini), an alias, or a fallback chain; answers come back as sent.")},
+        "paths": {
+            "/v1/chat/completions": post("Chat completion", "Routed by its model; streams with \"stream\": true."),
+            "/v1/completions": post("Text completion", "Routed by its model."),
+            "/v1/embeddings": post("Embeddings", "Routed by its model."),
+            "/v1/{path}": {"post": {"summary": "Any other OpenAI endpoint with a model", "description":
+                                    "Responses, moderations, images, audio/speech: routed by the body's model.",
+                                    "parameters": [{"name": "path", "in": "path", "required": True,
+                                                    "schema": {"type": "string"}}], **routed}},
+            "/v1/models": get("Models", "Every backend's models, prefixed by backend, and every alias."),
+            "/v1/models/{model}": get("One model", "Asked of its backend; an alias answers for itself.",
+                                      parameters=model),
+            "/health": get("Health", "200 without touching any backend; needs no key.", security=[]),
+            "/metrics": get("Metrics", "Prometheus's text format.", media="text/plain"),
+            "/gateway/status": get("Status", "Backends, servers, aliases and counters, as the page at / shows them."),
+            "/": get("The page", "Status and playground, for a browser; needs no key.", media="text/html", security=[]),
+            "/docs": get("This API, readable", "Needs no key.", media="text/html", security=[]),
+            "/openapi.json": get("This document", "Needs no key.", security=[]),
+        },
+        "components": {
+            "securitySchemes": {"gatewayKey": {"type": "http", "scheme": "bearer",
+                                               "description": "A key from GATEWAY_API_KEYS, when it is set"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                                 "param": {"type": ["string", "null"]},
+                                                 "code": {"type": ["string", "null"]}}}}}},
+        },
+        "security": [{"gatewayKey": []}] if settings.gateway_api_keys else [],
+        "x-backends": list(settings.backends),
+        "x-aliases": list(settings.aliases),
+    }
+
+
 async def gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
     return exc.response()
@@ -1643,6 +2083,7 @@ class AccessLog:
             ttfb = (first_byte or ended) - started
             if not status:  # nothing sent: 499 (as nginx logs it) when the client left first, else a failure
                 status = 499 if state.get("outcome") == "client disconnected" else 500
+            scope["app"].state.metrics.answered(state.get("backend"), state.get("model"), status, ttfb, ended - started)
             if logger.isEnabledFor(logging.INFO):  # spare the escaping when nobody reads the line
                 logger.info(
                     "%s %s backend=%s%s model=%s status=%d ttfb_ms=%.1f total_ms=%.1f bytes=%d%s%s",
@@ -1719,7 +2160,8 @@ def create_app(settings: Settings) -> Starlette:
         async with UpstreamClient(plain_http, timeout=timeout, limits=limits) as client:
             app.state.client = client
             app.state.models_stale = asyncio.Event()
-            learning = asyncio.create_task(keep_model_lists(client, settings, app.state.models_stale))
+            app.state.started = time.monotonic()
+            learning = asyncio.create_task(keep_model_lists(client, settings, app.state.models_stale, app.state.metrics))
             settle_memory()
             try:
                 yield
@@ -1728,17 +2170,33 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=[
+            Route("/", Endpoint(Page("page.html")), methods=["GET"]),
+            Route("/docs", Endpoint(Page("docs.html")), methods=["GET"]),
+            Route("/openapi.json", Endpoint(openapi), methods=["GET"]),
             Route("/health", Endpoint(health), methods=["GET"]),
+            Route("/metrics", Endpoint(metrics_page), methods=["GET"]),
+            Route("/gateway/status", Endpoint(status), methods=["GET"]),
             Route("/v1/models", Endpoint(list_models), methods=["GET"]),
             Route("/v1/models/{model:path}", Endpoint(retrieve_model), methods=["GET"]),
             Route("/v1/{path:path}", Endpoint(proxy), methods=["POST"]),
         ],
-        middleware=[Middleware(AccessLog)],
+        middleware=[Middleware(AccessLog), *cors(settings)],
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics(settings)
     return app
+
+
+def cors(settings: Settings) -> list[Middleware]:
+    """CORS for browser apps on the origins in CORS_ORIGINS (off by default): the preflight is
+    answered, and every other request goes on as it is, with its answer's headers readable."""
+    if not settings.cors_origins:
+        return []
+    exposed = ["x-gateway-backend", "x-gateway-model", "x-request-id", "retry-after", "x-should-retry"]
+    return [Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["*"], expose_headers=exposed, max_age=600)]
 
 
 def configure_logging(level: str) -> None:
@@ -2042,7 +2500,7 @@ def points_at(url: str, host: str, port: int) -> bool:
     """Whether `url` names the address the gateway itself listens on."""
     parts = urlsplit(url)
     same_host = parts.hostname == host or (parts.hostname in LOCAL_HOSTS and host in LOCAL_HOSTS)
-    return same_host and (parts.port or {"http": 80, "https": 443}[parts.scheme]) == port
+    return same_host and (parts.port or {"http": 80, "https": 443}.get(parts.scheme)) == port
 
 
 def _cli_number(name: str, low: int, high: int) -> Callable[[str], int]:
@@ -2089,6 +2547,17 @@ def main(argv: list[str] | None = None) -> None:
                 backend.name, backend.safe_url,
             )
     raise_open_files_limit()
+    if args.workers > 1:  # each worker writes its metrics here, and a scrape of any of them adds them all up
+        os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
+    try:
+        serve(args)
+    finally:
+        if args.workers > 1:
+            shutil.rmtree(os.environ[MULTIPROCESS_DIR], ignore_errors=True)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """uvicorn, with the gateway's own client protocol, and no WebSocket."""
     uvicorn.run(
         "gateway:app" if args.workers > 1 else app,
         http="gateway:ClientConnection" if args.workers > 1 else ClientConnection,

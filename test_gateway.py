@@ -389,12 +389,13 @@ def upstream() -> Iterator[Upstream]:
 
 @pytest.fixture
 def gateway_with(upstream: Upstream) -> Iterator[Callable[..., str]]:
-    """Start a gateway whose backend `fake` (also the default) is the scripted upstream."""
+    """Start a gateway whose backend `fake` (also the default) is the scripted upstream, without `echo`."""
     with ExitStack() as stack:
 
         def start_gateway(**env: str) -> str:
             settings = Settings.from_env(
-                {"BACKENDS": f"fake={upstream.url}/v1", "DEFAULT_BACKEND": "fake", "GATEWAY_ID": "test-gw", **env}
+                {"BACKENDS": f"fake={upstream.url}/v1", "DEFAULT_BACKEND": "fake", "GATEWAY_ID": "test-gw",
+                 "ECHO_BACKEND": "off", **env}
             )
             return stack.enter_context(serve_gateway(create_app(settings)))
 
