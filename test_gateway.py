@@ -81,11 +81,22 @@ def bound_socket(port: int = 0) -> socket.socket:
     return sock
 
 
+class TestServer(uvicorn.Server):
+    """uvicorn's server, which looks whether it should stop every 10 ms instead of every 100 ms:
+    hundreds of tests stop two servers each."""
+
+    async def main_loop(self) -> None:
+        counter = 0
+        while not await self.on_tick(counter):
+            await asyncio.sleep(0.01)
+            counter = (counter + 1) % 864000
+
+
 @contextmanager
 def uvicorn_server(app: Any, sock: socket.socket | None = None, **config: Any) -> Iterator[uvicorn.Server]:
     """Run an ASGI app under uvicorn in a thread, on `sock` or a random port."""
     sock = sock or bound_socket()
-    server = uvicorn.Server(
+    server = TestServer(
         uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1, **config)
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -408,9 +419,14 @@ def gw(gateway_with: Callable[..., str]) -> str:
     return gateway_with()
 
 
+# One client for the tests' plain requests: a client of its own each would load the certificate
+# store anew, about 50 ms a request. No pool: every request opens its own connection, as before.
+HTTP = httpx.Client(timeout=TIMEOUT, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def post(url: str, path: str = "/v1/chat/completions", **kwargs: Any) -> httpx.Response:
     kwargs.setdefault("json", {"model": "fake:qwen2.5", "messages": [{"role": "user", "content": "hi"}]})
-    return httpx.post(url + path, timeout=TIMEOUT, **kwargs)
+    return HTTP.post(url + path, **kwargs)
 
 
 def error_of(response: httpx.Response) -> dict:
@@ -475,7 +491,7 @@ def running(
     def healthy() -> bool:
         assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
         try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
+            return HTTP.get(url + "/health", timeout=1).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -497,7 +513,7 @@ def running(
 def test_python_gateway_py_serves_on_the_port_given() -> None:
     port = free_port()
     with running([sys.executable, "gateway.py", "--port", str(port)], port) as url:
-        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        assert HTTP.get(url + "/health").json() == {"status": "ok"}
 
 
 @pytest.mark.slow
@@ -505,7 +521,7 @@ def test_installed_llm_gateway_command_serves_the_gateway() -> None:
     port = free_port()
     command = [str(Path(sys.executable).parent / "llm-gateway"), "--port", str(port)]
     with running(command, port) as url:
-        assert httpx.get(url + "/health").status_code == 200
+        assert HTTP.get(url + "/health").status_code == 200
 
 
 @pytest.mark.slow
@@ -521,7 +537,7 @@ def test_python_gateway_py_raises_its_open_files_limit_to_the_hard_limit() -> No
 
     def serving() -> bool:
         with suppress(httpx.TransportError):
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            return HTTP.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
         return False
 
     try:
@@ -538,7 +554,7 @@ def test_python_gateway_py_raises_its_open_files_limit_to_the_hard_limit() -> No
 def test_port_comes_from_the_environment() -> None:
     port = free_port()
     with running([sys.executable, "gateway.py"], port, {"PORT": str(port), "HOST": "127.0.0.1"}) as url:
-        assert httpx.get(url + "/health").status_code == 200
+        assert HTTP.get(url + "/health").status_code == 200
 
 
 @pytest.mark.slow
@@ -546,7 +562,7 @@ def test_uvicorn_gateway_app_serves_the_gateway() -> None:
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "gateway:app", "--port", str(port)]
     with running(command, port) as url:
-        assert httpx.get(url + "/health").status_code == 200
+        assert HTTP.get(url + "/health").status_code == 200
 
 
 @pytest.mark.slow
@@ -812,14 +828,14 @@ def test_a_backend_without_models_adds_none_and_no_warning(
 ) -> None:
     upstream.handler = answer(200, b'{"object":"list","data":null}')  # Ollama with no model pulled
     url = gateway_with(OLLAMA_BASE_URL=dead_url(), OPENAI_BASE_URL=dead_url())
-    assert httpx.get(url + "/v1/models", timeout=TIMEOUT).json()["data"] == []
+    assert HTTP.get(url + "/v1/models", timeout=TIMEOUT).json()["data"] == []
     assert not [r for r in caplog.records if "backend fake" in r.getMessage()]
 
 
 def test_models_list_leaves_out_a_backend_that_is_down(upstream: Upstream, gateway_with: Callable) -> None:
     upstream.handler = models_upstream(["m1"])
     url = gateway_with(OLLAMA_BASE_URL=dead_url(), OPENAI_BASE_URL=dead_url())
-    response = httpx.get(url + "/v1/models", timeout=TIMEOUT)
+    response = HTTP.get(url + "/v1/models", timeout=TIMEOUT)
     assert response.status_code == 200
     assert [m["id"] for m in response.json()["data"]] == ["fake:m1"]
 
@@ -828,7 +844,7 @@ def test_models_list_leaves_out_a_slow_backend(upstream: Upstream, gateway_with:
     with silent_server() as silent:
         upstream.handler = models_upstream(["m1"])
         url = gateway_with(OLLAMA_BASE_URL=silent, OPENAI_BASE_URL=dead_url(), MODELS_TIMEOUT="0.3")
-        response = httpx.get(url + "/v1/models", timeout=TIMEOUT)
+        response = HTTP.get(url + "/v1/models", timeout=TIMEOUT)
     assert [m["id"] for m in response.json()["data"]] == ["fake:m1"]
 
 
@@ -842,7 +858,7 @@ def test_models_are_asked_concurrently(upstream: Upstream, gateway_with: Callabl
     upstream.handler = handler
     url = gateway_with(BACKENDS=f"fake={upstream.url}/v1,other={upstream.url}/v1", OLLAMA_BASE_URL=dead_url(),
                        OPENAI_BASE_URL=dead_url())
-    assert len(httpx.get(url + "/v1/models", timeout=TIMEOUT).json()["data"]) == 2
+    assert len(HTTP.get(url + "/v1/models", timeout=TIMEOUT).json()["data"]) == 2
 
 
 def test_retrieve_model_answers_with_the_prefix_the_client_used(upstream: Upstream, gw: str) -> None:
@@ -855,15 +871,15 @@ def test_retrieve_model_answers_with_the_prefix_the_client_used(upstream: Upstre
 def test_model_lookups_keep_the_clients_query_string(upstream: Upstream, gateway_with: Callable) -> None:
     upstream.handler = models_upstream(["m"])
     url = gateway_with(OLLAMA_BASE_URL=dead_url(), OPENAI_BASE_URL=dead_url())
-    httpx.get(url + "/v1/models?api-version=2024-10-21", timeout=TIMEOUT)
+    HTTP.get(url + "/v1/models?api-version=2024-10-21", timeout=TIMEOUT)
     assert upstream.last.path == "/v1/models?api-version=2024-10-21"
-    httpx.get(url + "/v1/models/fake:m?api-version=2024-10-21", timeout=TIMEOUT)
+    HTTP.get(url + "/v1/models/fake:m?api-version=2024-10-21", timeout=TIMEOUT)
     assert upstream.last.path == "/v1/models/m?api-version=2024-10-21"
 
 
 def test_retrieve_model_url_encodes_the_upstream_model_as_last_segment(upstream: Upstream, gw: str) -> None:
     upstream.handler = answer(200, b'{"id":"hf.co/org/model:Q4","object":"model"}')
-    response = httpx.get(gw + "/v1/models/fake:hf.co/org/model:Q4", timeout=TIMEOUT)
+    response = HTTP.get(gw + "/v1/models/fake:hf.co/org/model:Q4", timeout=TIMEOUT)
     assert upstream.last.path == "/v1/models/hf.co%2Forg%2Fmodel%3AQ4"
     assert response.json()["id"] == "fake:hf.co/org/model:Q4"
 
@@ -877,7 +893,7 @@ def test_sdk_retrieves_a_model_with_a_slash_in_its_name(upstream: Upstream, gw: 
 
 @pytest.mark.parametrize("model", ["fake:..", "fake:%2e%2e", "fake:.", "fake:%2E"])
 def test_retrieve_model_named_dot_or_dot_dot_is_refused_and_never_sent(upstream: Upstream, gw: str, model: str) -> None:
-    response = httpx.get(gw + "/v1/models/" + model, timeout=TIMEOUT)
+    response = HTTP.get(gw + "/v1/models/" + model, timeout=TIMEOUT)
     assert response.status_code == 400 and error_of(response)["param"] == "model"
     assert upstream.requests == []
 
@@ -888,7 +904,7 @@ def test_a_model_list_that_never_ends_is_left_out_and_its_request_closed(
     sent = [0]
     upstream.handler = firehose(upstream, sent, mib=128)
     url = gateway_with(OLLAMA_BASE_URL=dead_url(), OPENAI_BASE_URL=dead_url(), MODELS_TIMEOUT="60")
-    response = httpx.get(url + "/v1/models", timeout=TIMEOUT)
+    response = HTTP.get(url + "/v1/models", timeout=TIMEOUT)
     assert response.json()["data"] == []
     assert upstream.disconnected.wait(2) and sent[0] < 64 * MiB
 
@@ -896,7 +912,7 @@ def test_a_model_list_that_never_ends_is_left_out_and_its_request_closed(
 def test_a_model_whose_answer_never_ends_is_a_502_and_its_request_closed(upstream: Upstream, gw: str) -> None:
     sent = [0]
     upstream.handler = firehose(upstream, sent, mib=128)
-    response = httpx.get(gw + "/v1/models/fake:m", timeout=TIMEOUT)
+    response = HTTP.get(gw + "/v1/models/fake:m", timeout=TIMEOUT)
     assert response.status_code == 502 and "larger than" in error_of(response)["message"]
     assert upstream.disconnected.wait(2) and sent[0] < 64 * MiB
 
@@ -906,30 +922,30 @@ def test_retrieving_a_model_from_a_backend_that_does_not_answer_is_a_504_after_m
 ) -> None:
     with silent_server() as silent:
         url = gateway_with(OLLAMA_BASE_URL=silent, MODELS_TIMEOUT="0.5")
-        response = httpx.get(url + "/v1/models/ollama:m", timeout=TIMEOUT)
+        response = HTTP.get(url + "/v1/models/ollama:m", timeout=TIMEOUT)
     assert response.status_code == 504 and "MODELS_TIMEOUT" in error_of(response)["message"]
 
 
 def test_retrieve_model_passes_upstream_404_through(upstream: Upstream, gw: str) -> None:
     body = b'{"error":{"message":"model \\"nope\\" not found","type":"api_error"}}'
     upstream.handler = answer(404, body, [("content-type", "application/json")])
-    response = httpx.get(gw + "/v1/models/fake:nope", timeout=TIMEOUT)
+    response = HTTP.get(gw + "/v1/models/fake:nope", timeout=TIMEOUT)
     assert (response.status_code, response.content) == (404, body)
 
 
 def test_health_answers_without_touching_any_backend(upstream: Upstream, gw: str) -> None:
-    response = httpx.get(gw + "/health")
+    response = HTTP.get(gw + "/health")
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
     assert upstream.requests == []
 
 
 def test_unknown_path_is_an_openai_shaped_404(gw: str) -> None:
-    response = httpx.get(gw + "/v2/things")
+    response = HTTP.get(gw + "/v2/things")
     assert response.status_code == 404 and "/v2/things" in error_of(response)["message"]
 
 
 def test_wrong_method_is_an_openai_shaped_405(gw: str) -> None:
-    response = httpx.get(gw + "/v1/chat/completions")
+    response = HTTP.get(gw + "/v1/chat/completions")
     assert response.status_code == 405 and error_of(response)["type"] == "invalid_request_error"
 
 
@@ -1249,12 +1265,12 @@ def test_sdk_authenticates_with_a_gateway_key(locked: str) -> None:
 
 
 def test_health_is_open_when_gateway_keys_are_set(locked: str) -> None:
-    assert httpx.get(locked + "/health").status_code == 200
+    assert HTTP.get(locked + "/health").status_code == 200
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/models/fake:m"])
 def test_model_listings_need_a_gateway_key(locked: str, path: str) -> None:
-    assert httpx.get(locked + path).status_code == 401
+    assert HTTP.get(locked + path).status_code == 401
 
 
 def test_gateway_key_sent_as_x_api_key_is_not_forwarded(locked: str, upstream: Upstream) -> None:
@@ -1419,14 +1435,14 @@ def responses_in(data: bytes) -> list[bytes]:
 def test_a_model_lookup_naming_another_path_is_refused_and_never_sent(upstream: Upstream, gateway_with: Callable,
                                                                      model: str) -> None:
     gw = gateway_with(FAKE_API_KEY="sk-backend")
-    response = httpx.get(f"{gw}/v1/models/{model}", timeout=TIMEOUT)
+    response = HTTP.get(f"{gw}/v1/models/{model}", timeout=TIMEOUT)
     assert response.status_code == 400 and error_of(response)["code"] == "invalid_path"
     assert upstream.requests == []
 
 
 def test_a_model_lookup_sends_the_model_byte_for_byte(upstream: Upstream, gw: str) -> None:
     upstream.handler = answer(200, b'{"id": "m", "object": "model"}', [("content-type", "application/json")])
-    assert httpx.get(f"{gw}/v1/models/fake:m%FF%20x", timeout=TIMEOUT).status_code == 200
+    assert HTTP.get(f"{gw}/v1/models/fake:m%FF%20x", timeout=TIMEOUT).status_code == 200
     assert upstream.last.path == "/v1/models/m%FF%20x"
 
 
@@ -1595,7 +1611,7 @@ def test_a_model_list_compressed_to_a_bomb_is_left_out_without_inflating_it(
     gw = gateway_with()
     tracemalloc.start()
     try:
-        listed = httpx.get(gw + "/v1/models", timeout=TIMEOUT)
+        listed = HTTP.get(gw + "/v1/models", timeout=TIMEOUT)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -1607,7 +1623,7 @@ def test_a_model_list_compressed_to_a_bomb_is_left_out_without_inflating_it(
 def test_a_model_answer_that_inflates_past_the_limit_is_a_502(upstream: Upstream, gw: str) -> None:
     bomb = gzip.compress(b"\0" * (gateway.MAX_MODELS_ANSWER + 1))
     upstream.handler = answer(200, bomb, [("content-type", "application/json"), ("content-encoding", "gzip")])
-    response = httpx.get(gw + "/v1/models/fake:m", timeout=TIMEOUT)
+    response = HTTP.get(gw + "/v1/models/fake:m", timeout=TIMEOUT)
     assert response.status_code == 502 and "once decoded" in error_of(response)["message"]
 
 
@@ -2635,9 +2651,9 @@ def test_no_key_or_message_content_reaches_a_log_line_or_error_body(
             post(url, json={**chat, "model": "ollama:m"}, headers=auth),  # 502
             post(url, json={**chat, "model": "slow:m"}, headers=auth),  # 504
             post(url, json=chat, headers={**auth, "via": "1.1 llm-gateway-test-gw"}),  # 508
-            httpx.get(url + "/v1/models", headers=auth),  # backends left out
-            httpx.get(url + "/v1/models/ollama:m", headers=auth),  # 502
-            httpx.get(url + "/v1/chat/completions", params={"q": CONTENT}, headers=auth),  # 405
+            HTTP.get(url + "/v1/models", headers=auth),  # backends left out
+            HTTP.get(url + "/v1/models/ollama:m", headers=auth),  # 502
+            HTTP.get(url + "/v1/chat/completions", params={"q": CONTENT}, headers=auth),  # 405
         ]
 
         async def dying(seen: Seen, receive: Any, send: Any) -> None:
@@ -2967,6 +2983,167 @@ def test_a_server_that_fails_hands_its_request_to_the_next_server_then_the_chain
     response = post(gw, json={"model": "fake:a|other:b", "messages": []})
     assert response.status_code == 200 and response.headers["x-gateway-model"] == "other:b"
     assert len(posts(upstream)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def scrape(gw: str, **headers: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """`GET /metrics`, parsed by prometheus_client's own parser: each sample by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = HTTP.get(gw + "/metrics", headers=headers, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_requests_by_backend_model_and_status(upstream: Upstream, gw: str) -> None:
+    for _ in range(3):
+        post(gw)
+    upstream.handler = answer(429, b'{"error": {"message": "slow down"}}', [("content-type", "application/json")])
+    post(gw)
+    post(gw, json={"model": ""})  # refused by the gateway: no backend
+    def logged() -> dict | None:  # the last request is counted as its answer ends
+        samples = scrape(gw)
+        return samples if sample(samples, "llm_gateway_requests_total", backend="-", model="-", status="400") else None
+
+    samples = eventually(logged)
+    assert sample(samples, "llm_gateway_requests_total", backend="fake", model="qwen2.5", status="200") == 3
+    assert sample(samples, "llm_gateway_requests_total", backend="fake", model="qwen2.5", status="429") == 1
+    assert sample(samples, "llm_gateway_time_to_first_byte_seconds_count", backend="fake") == 4
+    assert sample(samples, "llm_gateway_request_duration_seconds_count", backend="fake") == 4
+    assert sample(samples, "llm_gateway_request_duration_seconds_bucket", backend="fake", le="+Inf") == 4
+    assert sample(samples, "llm_gateway_upstream_failures_total", backend="fake", server=f"{upstream.url}/v1",
+                  kind="429") == 1
+    assert sample(samples, "process_resident_memory_bytes") > 0
+
+
+def test_metrics_show_requests_in_flight_per_server(upstream: Upstream, second: Upstream, gateway_with: Callable) -> None:
+    upstream.handler, second.handler = Hold(), Hold()
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1|{second.url}/v1")
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(post, gw) for _ in range(3)]
+        eventually(lambda: upstream.handler.held + second.handler.held == 3)
+        samples = scrape(gw)
+        held = {url: sample(samples, "llm_gateway_server_requests_in_flight", backend="fake", server=f"{url}/v1")
+                for url in (upstream.url, second.url)}
+        upstream.handler.release.set(), second.handler.release.set()
+        [future.result() for future in futures]
+    assert sorted(held.values()) == [1, 2]
+    after = scrape(gw)
+    assert sample(after, "llm_gateway_server_requests_in_flight", backend="fake", server=f"{upstream.url}/v1") == 0
+
+
+def test_metrics_count_tokens_from_json_answers_and_from_streams_with_and_without_usage(
+    upstream: Upstream, gw: str
+) -> None:
+    post(gw)  # JSON: usage 1 + 2
+    with_usage = [*sse_chunks()[:-1], b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7}}\n\n',
+                  b"data: [DONE]\n\n"]
+    upstream.handler = stream(with_usage)
+    post(gw, json={"model": "fake:qwen2.5", "messages": [], "stream": True})
+    upstream.handler = stream(sse_chunks())  # no usage: nothing counted
+    post(gw, json={"model": "fake:qwen2.5", "messages": [], "stream": True})
+    samples = scrape(gw)
+    assert sample(samples, "llm_gateway_prompt_tokens_total", backend="fake", model="qwen2.5") == 1 + 5
+    assert sample(samples, "llm_gateway_completion_tokens_total", backend="fake", model="qwen2.5") == 2 + 7
+
+
+def test_metrics_give_no_label_of_its_own_to_model_names_nobody_vouched_for(upstream: Upstream, gw: str) -> None:
+    upstream.handler = answer(404, b'{"error": {"message": "no such model"}}', [("content-type", "application/json")])
+    for n in range(500):
+        post(gw, json={"model": f"fake:random-{n}-{os.urandom(4).hex()}", "messages": []})
+    samples = scrape(gw)
+    models = {dict(labels).get("model") for (name, labels) in samples if name == "llm_gateway_requests_total"}
+    assert models == {"other"}
+    assert sample(samples, "llm_gateway_requests_total", backend="fake", model="other", status="404") == 500
+
+
+def test_model_labels_stop_at_a_thousand_names(upstream: Upstream, gw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway, "MAX_MODEL_LABELS", 10)
+    for n in range(20):  # each answered 200: each would earn a label, but room runs out
+        post(gw, json={"model": f"fake:m{n}", "messages": []})
+    samples = scrape(gw)
+    models = {dict(labels).get("model") for (name, labels) in samples if name == "llm_gateway_requests_total"}
+    assert len(models - {"other"}) == 10 and "other" in models
+
+
+def test_metrics_count_fallbacks_ejections_and_server_state(upstream: Upstream, second: Upstream,
+                                                          gateway_with: Callable) -> None:
+    upstream.handler = answer(503, b"{}", [("content-type", "application/json")])
+    gw = gateway_with(BACKENDS=f"fake={upstream.url}/v1,other={second.url}/v1")
+    assert post(gw, json={"model": "fake:a|other:b", "messages": []}).status_code == 200
+    samples = scrape(gw)
+    assert sample(samples, "llm_gateway_fallbacks_total", backend="fake") == 1
+    assert sample(samples, "llm_gateway_ejections_total", backend="fake", server=f"{upstream.url}/v1") == 1
+    assert sample(samples, "llm_gateway_server_up", backend="fake", server=f"{upstream.url}/v1") == 0
+    assert sample(samples, "llm_gateway_server_up", backend="other", server=f"{second.url}/v1") == 1
+
+
+def test_metrics_need_a_gateway_key_when_keys_are_set(locked: str) -> None:
+    assert HTTP.get(locked + "/metrics", timeout=TIMEOUT).status_code == 401
+    assert "llm_gateway_requests_total" in HTTP.get(
+        locked + "/metrics", headers={"authorization": "Bearer gw-key-1"}, timeout=TIMEOUT).text
+
+
+@pytest.mark.slow
+def test_under_two_workers_every_scrape_shows_the_figures_of_both(upstream: Upstream) -> None:
+    port = free_port()
+    env = {"BACKENDS": f"fake={upstream.url}/v1", "DEFAULT_BACKEND": "fake", "LOG_LEVEL": "warning"}
+    with running([sys.executable, "gateway.py", "--port", str(port), "--workers", "2"], port, env) as url:
+        with httpx.Client(timeout=TIMEOUT, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            for _ in range(40):  # a new connection each: both workers take some
+                assert client.post(url + "/v1/chat/completions", json={"model": "fake:m", "messages": []}).status_code == 200
+            totals = {sample(scrape(url), "llm_gateway_requests_total", backend="fake", model="m", status="200")
+                      for _ in range(10)}
+            pids = {dict(labels)["pid"] for (name, labels) in scrape(url) if name == "process_resident_memory_bytes"}
+    assert totals == {40.0}
+    assert len(pids) == 2
+
+
+def test_the_echo_backend_answers_through_the_sdk_as_json_and_as_a_stream(gateway_with: Callable) -> None:
+    client = sdk(gateway_with(ECHO_BACKEND="on"))
+    answer_ = client.chat.completions.create(model="echo:any", messages=[{"role": "user", "content": "Hello there"}])
+    assert answer_.choices[0].message.content == "Hello there" and answer_.usage.completion_tokens == 2
+    chunks = list(client.chat.completions.create(model="echo:any", messages=[{"role": "user", "content": "one two three"}],
+                                                stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three"
+    assert chunks[-1].usage.total_tokens == 6
+    assert "echo:echo" in {model.id for model in client.models.list()}
+
+
+def test_echo_backend_off_removes_it(gateway_with: Callable) -> None:
+    response = post(gateway_with(ECHO_BACKEND="off", DEFAULT_BACKEND=""), json={"model": "echo:x", "messages": []})
+    assert response.status_code == 400 and "'echo:<model>'" not in error_of(response)["message"]
+
+
+def test_cors_preflight_is_answered_for_the_origins_set_and_no_other(upstream: Upstream, gateway_with: Callable) -> None:
+    gw = gateway_with(CORS_ORIGINS="https://app.example")
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization, content-type"}
+    allowed = HTTP.options(gw + "/v1/chat/completions", headers=preflight, timeout=TIMEOUT)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+    refused = HTTP.options(gw + "/v1/chat/completions", headers={**preflight, "origin": "https://evil.example"},
+                            timeout=TIMEOUT)
+    assert "access-control-allow-origin" not in refused.headers
+    response = post(gw, headers={"origin": "https://app.example"})
+    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "https://app.example"
+    assert upstream.last.json()["model"] == "qwen2.5"
+
+
+def test_openapi_json_is_a_valid_openapi_3_1_document(gw: str) -> None:
+    from openapi_spec_validator import validate
+
+    document = HTTP.get(gw + "/openapi.json", timeout=TIMEOUT).json()
+    validate(document)
+    assert document["openapi"].startswith("3.1") and "/v1/chat/completions" in document["paths"]
 
 
 # ---------------------------------------------------------------------------------------------
