@@ -4437,3 +4437,29 @@ def test_e2e_a_killed_servers_requests_go_to_the_other(e2e_routing: tuple) -> No
     assert statuses == [200] * 4
     log = eventually(lambda: gw.log_since(since).count("status=200") == 4 and gw.log_since(since), timeout=10)
     assert log.count(f"{third.url}/v1=ConnectError") <= 1  # tried once, then left out for its cooldown
+
+
+# --- metrics: the tokens a real server reports -------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_e2e_metrics_count_the_tokens_the_server_reports(e2e_gateway: str) -> None:
+    """A JSON answer's usage. (llama-cpp-python 0.3.36 sends no usage in a stream, even when asked.)"""
+    if _e2e_direct_mode():
+        pytest.skip("metrics are the gateway's own")
+    labels = {"backend": "llamacpp", "model": E2E_MODEL}
+    before = scrape(e2e_gateway)
+    usage = _e2e_sdk(e2e_gateway + "/v1").chat.completions.create(
+        model=f"llamacpp:{E2E_MODEL}", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8,
+        temperature=0).usage
+
+    def counted() -> dict | None:
+        samples = scrape(e2e_gateway)
+        grew = sample(samples, "llm_gateway_completion_tokens_total", **labels) > sample(
+            before, "llm_gateway_completion_tokens_total", **labels)
+        return samples if grew else None
+
+    after = eventually(counted)
+    for kind, reported in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
+        name = f"llm_gateway_{kind}_tokens_total"
+        assert sample(after, name, **labels) - sample(before, name, **labels) == reported > 0
