@@ -44,6 +44,7 @@ import httptools
 import httpx
 import msgspec
 import prometheus_client
+import prometheus_client.metrics_core
 import prometheus_client.multiprocess
 import uvicorn
 from dotenv import load_dotenv
@@ -1507,11 +1508,11 @@ class Metrics:
             self.known.add(name)
 
     def answered(self, backend: str | None, model: str | None, status: int, first_byte: float, total: float) -> None:
-        self.totals["requests"] += 1
-        self.totals["errors"] += status >= 500
         if backend is None:
             self.child(self.requests, "-", "-", str(status)).inc()
             return
+        self.totals["requests"] += 1  # the page's counters: requests routed to a backend
+        self.totals["errors"] += status >= 500
         if model is not None and 200 <= status < 300:
             self.learn((model,))
         self.child(self.requests, backend, self.model(model or "-"), str(status)).inc()
@@ -1558,9 +1559,9 @@ class WorkerProcesses:
         self.directory = directory
 
     def collect(self) -> Iterable[Any]:
-        cpu = prometheus_client.core.CounterMetricFamily(
+        cpu = prometheus_client.metrics_core.CounterMetricFamily(
             "process_cpu_seconds", "CPU time of a worker, user and system.", labels=["pid"])
-        memory = prometheus_client.core.GaugeMetricFamily(
+        memory = prometheus_client.metrics_core.GaugeMetricFamily(
             "process_resident_memory_bytes", "Resident memory of a worker.", labels=["pid"])
         pids = {match.group(1) for path in Path(self.directory).glob("*.db")
                 if (match := re.search(r"_(\d+)\.db$", path.name))}
@@ -1907,6 +1908,7 @@ async def status(request: Request) -> Response:
     now = asyncio.get_running_loop().time()
     backends = [
         {"name": backend.name, "default": backend.name == settings.default_backend,
+         "builtin": backend.servers[0].url == ECHO_URL,
          "key_configured": backend.api_key is not None,
          "servers": [{"url": server.safe_url, "state": "up" if server.ejected_until <= now else "ejected",
                       "in_flight": server.in_flight, "failures": server.failures,

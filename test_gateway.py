@@ -9,8 +9,10 @@ Section numbers refer to the behaviour contract (CONTRACT.md).
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import gzip
+import hashlib
 import importlib.util
 import json
 import logging
@@ -19,12 +21,14 @@ import os
 import re
 import resource
 import select
+import shutil
 import signal
 import socket
 import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -32,6 +36,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,10 @@ from hypothesis import HealthCheck, Phase, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pytest_httpx import HTTPXMock
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 import gateway
@@ -81,7 +90,7 @@ def bound_socket(port: int = 0) -> socket.socket:
     return sock
 
 
-class TestServer(uvicorn.Server):
+class QuickServer(uvicorn.Server):
     """uvicorn's server, which looks whether it should stop every 10 ms instead of every 100 ms:
     hundreds of tests stop two servers each."""
 
@@ -96,7 +105,7 @@ class TestServer(uvicorn.Server):
 def uvicorn_server(app: Any, sock: socket.socket | None = None, **config: Any) -> Iterator[uvicorn.Server]:
     """Run an ASGI app under uvicorn in a thread, on `sock` or a random port."""
     sock = sock or bound_socket()
-    server = TestServer(
+    server = QuickServer(
         uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1, **config)
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -3144,6 +3153,432 @@ def test_openapi_json_is_a_valid_openapi_3_1_document(gw: str) -> None:
     document = HTTP.get(gw + "/openapi.json", timeout=TIMEOUT).json()
     validate(document)
     assert document["openapi"].startswith("3.1") and "/v1/chat/completions" in document["paths"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Pages, in a real browser
+#
+# Headless Chromium (Debian's `chromium` and `chromium-driver`), driven by selenium, loads `GET /`
+# and `GET /docs` of a gateway on 127.0.0.1 in front of scripted upstreams on 127.0.0.1. Without
+# chromium, chromedriver or selenium these tests skip and say why, unless CI=true: then they fail.
+# One of them takes the README's screenshot, so that the picture stays true.
+# ---------------------------------------------------------------------------------------------
+
+PAGE, DOCS, SCREENSHOT = ROOT / "page.html", ROOT / "docs.html", ROOT / "docs" / "screenshot.png"
+BROWSER_WAIT = 10.0  # seconds any one thing in the browser may take
+
+
+def chat_answer(body: dict, answer: str, delay: float = 0.02) -> Response:
+    """An OpenAI chat completion answering `answer`: streamed word by word `delay` seconds apart,
+    with a final `usage` chunk, when `body` asks to stream."""
+    words = re.findall(r"\S+\s*", answer) or [""]
+    usage = {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}
+    base = {"id": "chatcmpl-test", "created": 0, "model": body.get("model")}
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": answer}
+        return JSONResponse({**base, "object": "chat.completion", "usage": usage,
+                             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+
+    async def events() -> Any:
+        for i, word in enumerate(words):
+            delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}
+            chunk = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+            await asyncio.sleep(delay)
+        end = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        yield f"data: {json.dumps(end)}\n\n"
+        yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def upstream_app(models: list[str], answer: str, status: int = 200) -> Starlette:
+    """An OpenAI-compatible upstream that lists `models` and answers every chat with `answer`, or
+    with an OpenAI error whose message is `answer` when `status` is not 200."""
+
+    async def list_models(request: Request) -> Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "upstream"} for m in models]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat(request: Request) -> Response:
+        if status != 200:
+            return JSONResponse({"error": {"message": answer, "type": "server_error", "param": None, "code": None}}, status)
+        return chat_answer(await request.json(), answer)
+
+    return Starlette(routes=[
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+    ])
+
+
+def inline_hash(html: str, tag: str) -> str:
+    body = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.S)
+    assert body, f"no inline <{tag}>"
+    return "sha256-" + base64.b64encode(hashlib.sha256(body.group(1).encode()).digest()).decode()
+
+
+def page_csp(html: str) -> str:
+    return (
+        f"default-src 'none'; script-src '{inline_hash(html, 'script')}'; style-src '{inline_hash(html, 'style')}'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+@contextmanager
+def gateway_at(env: dict[str, str]) -> Iterator[str]:
+    """The gateway configured by `env`, served on 127.0.0.1; yields its URL."""
+    env = {"LOG_LEVEL": "warning", **env}
+    with serve_gateway(gateway.create_app(gateway.Settings.from_env(env))) as url:
+        yield url
+
+
+@pytest.fixture
+def local_backends() -> Iterator[dict[str, str]]:
+    """`ollama` and `openai` pointed at upstreams on 127.0.0.1, so that nothing leaves the machine."""
+    with serve(upstream_app(["llama-test"], "Hello from the ollama upstream, streamed word by word.")) as ollama, \
+            serve(upstream_app(["gpt-test"], "Hello from the openai upstream.")) as openai:
+        yield {"OLLAMA_BASE_URL": ollama, "OPENAI_BASE_URL": openai + "/v1", "DEFAULT_BACKEND": "ollama"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The browser
+# ---------------------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+
+
+def _missing() -> str | None:
+    if importlib.util.find_spec("selenium") is None:
+        return "selenium is not installed (pip install -e '.[test]')"
+    if not CHROMIUM:
+        return "chromium is not installed (apt-get install chromium)"
+    if not CHROMEDRIVER:
+        return "chromedriver is not installed (apt-get install chromium-driver)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if reason := _missing():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the page tests need a browser: {reason}")
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="pages-chromium-")
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1280,800", "--hide-scrollbars", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(BROWSER_WAIT)
+    driver.set_script_timeout(BROWSER_WAIT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page(browser: Any) -> Any:
+    """The browser with a fresh 1280x800 light viewport and empty logs."""
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False})
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "light"}]})
+    browser.get("about:blank")
+    browser.get_log("browser")
+    browser.get_log("performance")
+    return browser
+
+
+def wait_for(driver: Any, condition: Any, what: str, timeout: float = BROWSER_WAIT) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d), message=f"waited {timeout} s for {what}")
+
+
+def requested_urls(driver: Any) -> list[str]:
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def severe(driver: Any) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def text_of(driver: Any, selector: str) -> str:
+    return driver.execute_script("const n = document.querySelector(arguments[0]); return n ? n.textContent : null;", selector) or ""
+
+
+def choose_model(driver: Any, select_id: str, model: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    select = driver.find_element("id", select_id)
+    wait_for(driver, lambda d: model in [o.get_attribute("value") for o in select.find_elements("tag name", "option")], f"model {model!r} in #{select_id}")
+    Select(select).select_by_value(model)
+
+
+def send_prompt(driver: Any, prompt: str) -> None:
+    box = driver.find_element("id", "user-prompt")
+    box.clear()
+    box.send_keys(prompt)
+    wait_for(driver, lambda d: d.find_element("id", "send").is_enabled(), "Send to be enabled")
+    driver.find_element("id", "send").click()
+
+
+def wait_answer(driver: Any, column: str) -> None:
+    wait_for(driver, lambda d: d.find_element("id", column).get_attribute("data-done") == "true", f"the answer in #{column}")
+
+
+def milliseconds(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+) (ms|s)", text.strip()).groups()
+    return float(value) * (1 if unit == "ms" else 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+
+class _Elements(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+
+
+@pytest.mark.parametrize("path", [PAGE, DOCS], ids=["page.html", "docs.html"])
+def test_pages_hold_only_what_their_content_security_policy_allows(path: Path) -> None:
+    """One inline <script> and one inline <style>, with no attributes; no inline handler, no style
+    attribute, nothing from another origin, no eval or innerHTML."""
+    text = path.read_text()
+    parser = _Elements()
+    parser.feed(text)
+    scripts = [attrs for tag, attrs in parser.tags if tag == "script"]
+    styles = [attrs for tag, attrs in parser.tags if tag == "style"]
+    assert scripts == [[]] and styles == [[]], "exactly one <script> and one <style>, without attributes"
+    for tag, attrs in parser.tags:
+        for name, value in attrs:
+            assert not name.startswith("on") and name != "style", f"<{tag} {name}=...>"
+            if name in ("src", "href", "action"):
+                assert value and (value.startswith(("/", "#", "data:"))), f"<{tag} {name}={value!r}> leaves the gateway"
+    assert not re.search(r"https?://", text), "no absolute URL"
+    script = re.search(r"<script>(.*?)</script>", text, re.S).group(1)
+    for banned in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function", "localStorage", "document.cookie"):
+        assert banned not in script, banned
+
+
+def test_page_loads_with_nothing_from_elsewhere_and_no_console_error(page: Any, local_backends: dict[str, str]) -> None:
+    with gateway_at(local_backends) as url:
+        headers = httpx.get(url + "/").headers
+        assert headers["content-type"].startswith("text/html")
+        assert "script-src 'sha256-" in headers["content-security-policy"]
+        page.get(url + "/")
+        wait_for(page, lambda d: "echo:echo" in text_of(d, "#model-a"), "the model picker")
+        wait_for(page, lambda d: "ollama" in text_of(d, "#backends") and text_of(d, "#c-requests") != "–", "the status")
+        urls = requested_urls(page)
+        assert urls and all(u.startswith(url + "/") or u.startswith("data:") for u in urls), urls
+        assert severe(page) == []
+
+
+def test_backends_and_servers_show_without_credentials(page: Any) -> None:
+    dead = free_port()  # an https backend that nobody serves: "cloud-looking", no key
+    with serve(upstream_app(["shared-model"], "a")) as a, serve(upstream_app(["shared-model", "big-model"], "b")) as b, \
+            serve(upstream_app(["m"], "secret answer")) as guarded:
+        env = {
+            "OLLAMA_BASE_URL": a, "OPENAI_BASE_URL": b + "/v1", "DEFAULT_BACKEND": "ollama",
+            "BACKENDS": f"pool=http://127.0.0.1:{a.rsplit(':', 1)[1]}/v1|{b}/v1,"
+                        f"guarded=http://user:hunter2secret@127.0.0.1:{guarded.rsplit(':', 1)[1]}/v1,"
+                        f"cloud=https://127.0.0.1:{dead}/v1",
+            "ALIASES": "gpt-4o-mini=ollama:shared-model,claude-*=ollama:shared-model|openai:big-model",
+        }
+        with gateway_at(env) as url:
+            page.get(url + "/")
+            wait_for(page, lambda d: d.find_elements("css selector", "[data-backend='pool'] tbody tr"), "the pool's servers")
+            assert len(page.find_elements("css selector", "[data-backend='pool'] tbody tr")) == 2
+            backends = text_of(page, "#backends")
+            for expected in ("ollama", "openai", "pool", "guarded", "cloud", f"127.0.0.1:{guarded.rsplit(':', 1)[1]}/v1", "up"):
+                assert expected in backends
+            # a backend with several servers learns their models at start
+            wait_for(page, lambda d: "big-model" in text_of(d, "[data-backend='pool']"), "the pool's models")
+            assert "default" in text_of(page, "[data-backend='ollama'] .backend-head")
+            assert "CLOUD_API_KEY" in text_of(page, "[data-backend='cloud'] .key-missing")
+            assert not page.find_elements("css selector", "[data-backend='ollama'] .key-missing")
+            aliases = text_of(page, "#aliases")
+            assert "gpt-4o-mini" in aliases and "claude-*" in aliases and "openai:big-model" in aliases
+            source = page.execute_script("return document.documentElement.outerHTML")
+            assert "hunter2secret" not in source and "//user:" not in source and "user@" not in source
+
+
+def test_a_chat_with_echo_streams_into_the_playground(page: Any, local_backends: dict[str, str]) -> None:
+    prompt = "one two three four five six seven eight nine ten"
+    with gateway_at(local_backends) as url:
+        page.get(url + "/")
+        choose_model(page, "model-a", "echo:echo")
+        page.execute_script("""
+            const answer = document.querySelector('#col-a .answer');
+            window.__lengths = [];
+            new MutationObserver(() => window.__lengths.push(answer.textContent.length))
+                .observe(answer, {childList: true, characterData: true, subtree: true});""")
+        send_prompt(page, prompt)
+        wait_answer(page, "col-a")
+        assert text_of(page, "#col-a .answer").split() == prompt.split()
+        grew = [n for n in page.execute_script("return window.__lengths") if n]
+        assert len(set(grew)) >= 3, f"the answer came in {len(set(grew))} steps: not streamed"
+        assert text_of(page, "#col-a .colerror") == ""
+        ttft, total = milliseconds(text_of(page, "#col-a .ttft")), milliseconds(text_of(page, "#col-a .total"))
+        assert 0 < ttft < total
+        assert re.fullmatch(r"[\d.]+ tok/s", text_of(page, "#col-a .tps"))
+        assert text_of(page, "#col-a .tokens") == "10"  # the final chunk's usage.completion_tokens
+        assert severe(page) == []
+
+
+def test_the_header_counts_live(page: Any, local_backends: dict[str, str]) -> None:
+    """The header's counters follow `/gateway/status`, refreshed every 2 s: a chat's tokens show."""
+    with gateway_at(local_backends) as url:
+        page.get(url + "/")
+        wait_for(page, lambda d: text_of(d, "#c-completion") == "0", "the counters")
+        choose_model(page, "model-a", "echo:echo")
+        send_prompt(page, "count these five words")
+        wait_answer(page, "col-a")
+        wait_for(page, lambda d: text_of(d, "#c-completion") == "4", "the chat's completion tokens in the header", timeout=5)
+        assert int(text_of(page, "#c-requests").replace(",", "")) >= 1
+        assert re.search(r"up \d+ s", text_of(page, "#gw-meta"))
+
+
+def test_compare_sends_the_prompt_to_two_models_side_by_side(page: Any, local_backends: dict[str, str]) -> None:
+    with gateway_at(local_backends) as url:
+        page.get(url + "/")
+        assert not page.find_element("id", "col-b").is_displayed()
+        page.find_element("id", "compare").click()
+        assert page.find_element("id", "col-b").is_displayed()
+        choose_model(page, "model-a", "echo:echo")
+        choose_model(page, "model-b", "ollama:llama-test")
+        send_prompt(page, "side by side")
+        wait_answer(page, "col-a")
+        wait_answer(page, "col-b")
+        assert text_of(page, "#col-a .answer") == "side by side"
+        assert text_of(page, "#col-b .answer") == "Hello from the ollama upstream, streamed word by word."
+        a, b = (page.find_element("id", c).rect for c in ("col-a", "col-b"))
+        assert abs(a["y"] - b["y"]) < 2 and b["x"] >= a["x"] + a["width"], "the columns stand side by side"
+        assert re.fullmatch(r"[\d.]+ tok/s", text_of(page, "#col-b .tps"))
+
+
+def test_a_failing_server_shows_ejected_and_its_error_in_the_playground(page: Any, local_backends: dict[str, str]) -> None:
+    with serve(upstream_app(["busy-model"], "the model is loading, try later", status=503)) as busy:
+        with gateway_at({**local_backends, "BACKENDS": f"busy={busy}/v1"}) as url:
+            page.get(url + "/")
+            choose_model(page, "model-a", "busy:busy-model")
+            send_prompt(page, "hi")
+            wait_answer(page, "col-a")
+            assert text_of(page, "#col-a .colerror") == "HTTP 503: the model is loading, try later"
+            wait_for(page, lambda d: "ejected, back in" in text_of(d, "[data-backend='busy'] tbody"), "the server to show ejected")
+            assert page.find_elements("css selector", "[data-backend='busy'] .state-ejected")
+
+
+def test_html_from_backends_shows_as_text_and_never_runs(page: Any, local_backends: dict[str, str]) -> None:
+    model, answer = "<img src=x onerror=window.__pwned=1>", "<script>window.__pwned=2</script>"
+    with serve(upstream_app([model], answer)) as evil:
+        env = {**local_backends, "BACKENDS": f"evil={evil}/v1", "ALIASES": "<b>bold</b>=echo:x"}
+        with gateway_at(env) as url:
+            page.get(url + "/")
+            choose_model(page, "model-a", "evil:" + model)
+            send_prompt(page, "hi")
+            wait_answer(page, "col-a")
+            assert text_of(page, "#col-a .answer") == answer
+            assert text_of(page, "#model-a option:checked") == "evil:" + model
+            wait_for(page, lambda d: "<b>bold</b>" in text_of(d, "#aliases"), "the alias, as text")
+            assert not page.find_elements("css selector", "#aliases b, #col-a img, #col-a .answer script, #model-a img")
+            assert page.execute_script("return typeof window.__pwned") == "undefined"
+            assert not [u for u in requested_urls(page) if u.endswith("/x")], "the <img> never loaded"
+
+
+def test_with_gateway_keys_the_page_asks_for_one_and_keeps_it_in_session_storage(page: Any, local_backends: dict[str, str]) -> None:
+    with gateway_at({**local_backends, "GATEWAY_API_KEYS": "right-key"}) as url:
+        page.get(url + "/")
+        wait_for(page, lambda d: d.find_element("id", "key-input").is_displayed(), "the key field")
+        page.find_element("id", "key-input").send_keys("wrong-key\n")
+        wait_for(page, lambda d: d.find_element("id", "key-error").is_displayed(), "the wrong key's error")
+        assert "refused" in text_of(page, "#key-error")
+        assert page.find_element("id", "key-input").is_displayed()
+        assert page.execute_script("return sessionStorage.length") == 0
+        page.find_element("id", "key-input").send_keys("right-key\n")
+        wait_for(page, lambda d: not d.find_element("id", "key-panel").is_displayed(), "the key panel to close")
+        wait_for(page, lambda d: "ollama" in text_of(d, "#backends"), "the backends")
+        choose_model(page, "model-a", "echo:echo")
+        send_prompt(page, "keyed chat")
+        wait_answer(page, "col-a")
+        assert text_of(page, "#col-a .answer") == "keyed chat"
+        assert "right-key" in page.execute_script("return Object.values(sessionStorage)")
+        assert page.execute_script("return localStorage.length") == 0
+        assert page.execute_script("return document.cookie") == ""
+        assert "key" not in page.current_url
+        page.refresh()  # the tab keeps its key
+        wait_for(page, lambda d: "ollama" in text_of(d, "#backends"), "the backends after a reload")
+        assert not page.find_element("id", "key-panel").is_displayed()
+
+
+@pytest.mark.parametrize("keys", ["", "k1"], ids=["open", "with-keys"])
+def test_docs_show_every_path_and_curl_for_this_gateway(page: Any, local_backends: dict[str, str], keys: str) -> None:
+    with gateway_at({**local_backends, "ALIASES": "fast=echo:x", "GATEWAY_API_KEYS": keys}) as url:
+        spec = httpx.get(url + "/openapi.json").json()
+        assert "script-src 'sha256-" in httpx.get(url + "/docs").headers["content-security-policy"]
+        page.get(url + "/docs")
+        wait_for(page, lambda d: d.find_elements("css selector", ".operation"), "the operations")
+        shown = {(e.get_attribute("data-method"), e.get_attribute("data-path")) for e in page.find_elements("css selector", ".operation")}
+        wanted = {(m.upper(), p) for p, item in spec["paths"].items() for m in item if m in ("get", "post", "put", "patch", "delete")}
+        assert wanted and wanted <= shown
+        for p, item in spec["paths"].items():
+            for m, op in item.items():
+                if isinstance(op, dict) and op.get("summary"):
+                    assert op["summary"] in text_of(page, f".operation[data-path='{p}'][data-method='{m.upper()}'] .summary")
+        examples = [e.text for e in page.find_elements("css selector", "pre.curl")]
+        assert any(f"curl '{url}/v1/chat/completions'" in e for e in examples)
+        assert any('"model": "fast"' in e for e in examples), "an example names the alias"
+        assert any('"model": "ollama:MODEL"' in e for e in examples), "an example names the backend"
+        chat = next(e for e in examples if f"curl '{url}/v1/chat/completions'" in e)
+        assert ("Authorization: Bearer $GATEWAY_API_KEY" in chat) == bool(keys), "the key header when keys are needed"
+        assert [u for u in requested_urls(page) if not u.startswith(url + "/")] == []
+        assert severe(page) == []
+
+
+def test_the_page_fits_a_narrow_window(page: Any, local_backends: dict[str, str]) -> None:
+    page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 390, "height": 800, "deviceScaleFactor": 1, "mobile": True})
+    with gateway_at(local_backends) as url:
+        page.get(url + "/")
+        wait_for(page, lambda d: "ollama" in text_of(d, "#backends"), "the backends")
+        page.find_element("id", "compare").click()
+        assert page.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_screenshot_of_the_page_after_an_echo_chat(page: Any, local_backends: dict[str, str]) -> None:
+    env = {**local_backends, "GATEWAY_ID": "laptop",
+           "ALIASES": "gpt-4o-mini=ollama:llama-test,claude-*=ollama:llama-test|openai:gpt-test"}
+    with gateway_at(env) as url:
+        page.get(url + "/")
+        page.find_element("id", "compare").click()
+        choose_model(page, "model-a", "echo:echo")
+        choose_model(page, "model-b", "ollama:llama-test")
+        page.find_element("id", "system-prompt").send_keys("Answer briefly.")
+        send_prompt(page, "Hello gateway, echo this sentence back word by word.")
+        wait_answer(page, "col-a")
+        wait_answer(page, "col-b")
+        wait_for(page, lambda d: text_of(d, "#c-completion") == "18", "the header to count both answers")
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        assert page.save_screenshot(str(SCREENSHOT))
+        assert SCREENSHOT.read_bytes()[16:24] == (1280).to_bytes(4, "big") + (800).to_bytes(4, "big")
 
 
 # ---------------------------------------------------------------------------------------------
