@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import ctypes
 import enum
 import functools
@@ -37,7 +38,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import httptools
@@ -342,8 +343,7 @@ def _choices(backends: Mapping[str, Backend]) -> str:
     return ", ".join(f"'{name}:<model>'" for name in backends)
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """Where one attempt at a request goes: a backend, the model as that backend knows it, and
     the name it was routed by (`ollama:qwen2.5`), which `x-gateway-model` reports."""
 
@@ -724,7 +724,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.headers.append((name, value))
         lower = name.lower()
-        if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
+        if lower == b"transfer-encoding" and value.strip().lower() != b"chunked":  # gzip, or a misspelling
+            raise httptools.HttpParserError(f"transfer coding {value[:40]!r} cannot be relayed, only chunked")
+        if lower == b"content-length" or lower == b"transfer-encoding":
             self.framed = True
 
     def on_headers_complete(self) -> None:
@@ -1245,14 +1247,13 @@ RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 EJECTING_STATUS = frozenset({502, 503, 504})  # an answer that says the server itself is in trouble
 
 
-@dataclass
 class Attempt:
-    """One try at a request: a target on one of its backend's servers."""
+    """One try at a request: a target on one of its backend's servers, and how it went."""
 
-    target: Target
-    server: Server
-    request: httpx.Request
-    outcome: str = ""
+    __slots__ = ("target", "server", "request", "outcome")
+
+    def __init__(self, target: Target, server: Server, request: httpx.Request) -> None:
+        self.target, self.server, self.request, self.outcome = target, server, request, ""
 
 
 class Plan:
@@ -1273,12 +1274,13 @@ class Plan:
 
     def next(self) -> Attempt | None:
         """The next attempt, or None when every target's every server was tried."""
-        now = asyncio.get_running_loop().time()
         while self.position < len(self.targets):
             target = self.targets[self.position]
+            several = len(target.backend.servers) > 1  # a backend's one server is tried whatever its state
+            now = asyncio.get_running_loop().time() if several else 0.0
             if (server := pick_server(target.backend, target.model, self.tried, now)) is not None:
                 self.tried.add(server)
-                if server.failures and server.ejected_until <= now:
+                if several and server.failures and server.ejected_until <= now:
                     server.on_trial = True  # back from its cooldown: this request tries it again, alone
                 attempt = Attempt(target, server, self.upstream_request(self.position, server))
                 self.attempts.append(attempt)
@@ -1321,10 +1323,10 @@ def settle(attempt: Attempt, status: int | None, exc: Exception | None, now: flo
     if status in EJECTING_STATUS:
         eject(server, now)
         metrics.child(metrics.ejections, backend, server.safe_url).inc()
-    else:
+    elif server.failures or server.on_trial:
         server.failures, server.on_trial = 0, False
-        if status is not None and status < 300:
-            server.served[attempt.target.model] = now
+    if status is not None and status < 300 and len(attempt.target.backend.servers) > 1:
+        server.served[attempt.target.model] = now
 
 
 class Relay:
@@ -1342,11 +1344,13 @@ class Relay:
 
     def begin(self, attempt: Attempt) -> None:
         attempt.server.in_flight += 1
-        self.metrics.child(self.metrics.in_flight, attempt.target.backend.name, attempt.server.safe_url).inc()
+        if self.metrics.multiprocess:  # else a scrape reads `in_flight` off the servers themselves
+            self.metrics.child(self.metrics.in_flight, attempt.target.backend.name, attempt.server.safe_url).inc()
 
     def end(self, attempt: Attempt) -> None:
         attempt.server.in_flight -= 1
-        self.metrics.child(self.metrics.in_flight, attempt.target.backend.name, attempt.server.safe_url).dec()
+        if self.metrics.multiprocess:
+            self.metrics.child(self.metrics.in_flight, attempt.target.backend.name, attempt.server.safe_url).dec()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with cancelled_if_client_leaves(receive) as watch:
@@ -1442,6 +1446,7 @@ prometheus_client.disable_created_metrics()  # a `_created` series beside every 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MAX_MODEL_LABELS = 1000  # model names with a label of their own; every other name is "other"
 MAX_USAGE_SCAN = 1024 * 1024  # a JSON answer up to this size is read again for its usage
+FLUSH_EVERY = 1.0  # seconds: how far behind a scrape under `--workers` may see the other workers
 
 
 class Metrics:
@@ -1450,8 +1455,11 @@ class Metrics:
     A model name is a label value a client chooses, so it gets a label of its own only once a
     backend listed it, answered it with a 2xx, or an alias names it, and only up to
     MAX_MODEL_LABELS names: a client sending random names cannot grow the gateway's memory.
-    Labelled series are looked up once and kept, since prometheus_client's own lookup costs more
-    than the count.
+
+    What every request counts is added up in plain dicts and handed to prometheus_client's
+    metrics in one go per series when they are read (a scrape), and every FLUSH_EVERY seconds
+    under `--workers`, so that other workers' figures reach a scrape: a prometheus_client count
+    or observation takes a lock, and a request makes several.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -1488,6 +1496,8 @@ class Metrics:
                       for name in chain for model in (name, name.partition(":")[2]) if model}
         self.known.update(settings.aliases)
         self.series: dict[tuple[Any, ...], Any] = {}
+        self.counts: dict[tuple[Any, ...], float] = {}  # (counter, *labels) -> added since the last flush
+        self.observed: dict[tuple[Any, str], list[float]] = {}  # (histogram, backend) -> per bucket, then the sum
         self.backends = settings.backends
         self.totals = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}  # for the page
 
@@ -1508,41 +1518,71 @@ class Metrics:
             self.known.add(name)
 
     def answered(self, backend: str | None, model: str | None, status: int, first_byte: float, total: float) -> None:
-        if backend is None:
-            self.child(self.requests, "-", "-", str(status)).inc()
+        if backend is None or model is None:
+            self.count(self.requests, "-", "-", str(status))
             return
         self.totals["requests"] += 1  # the page's counters: requests routed to a backend
         self.totals["errors"] += status >= 500
-        if model is not None and 200 <= status < 300:
-            self.learn((model,))
-        self.child(self.requests, backend, self.model(model or "-"), str(status)).inc()
-        self.child(self.first_byte, backend).observe(first_byte)
-        self.child(self.duration, backend).observe(total)
+        if 200 <= status < 300 and model not in self.known and len(self.known) < MAX_MODEL_LABELS:
+            self.known.add(model)
+        self.count(self.requests, backend, model if model in self.known else "other", str(status))
+        self.observe(self.first_byte, backend, first_byte)
+        self.observe(self.duration, backend, total)
 
-    def tokens(self, backend: str, model: str, usage: Mapping[str, Any]) -> None:
+    def count(self, counter: Any, *labels: str, amount: float = 1) -> None:
+        key = (counter, *labels)
+        self.counts[key] = self.counts.get(key, 0) + amount
+
+    def observe(self, histogram: Any, backend: str, value: float) -> None:
+        if (slots := self.observed.get((histogram, backend))) is None:
+            slots = self.observed[histogram, backend] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        slots[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1  # the last bucket but one: +Inf
+        slots[-1] += value
+
+    def flush(self) -> None:
+        """Hand what was counted since the last flush to prometheus_client, one call per series."""
+        counts, self.counts = self.counts, {}
+        for (counter, *labels), amount in counts.items():
+            self.child(counter, *labels).inc(amount)
+        observed, self.observed = self.observed, {}
+        for (histogram, backend), slots in observed.items():
+            series = self.child(histogram, backend)
+            for bucket, n in zip(series._buckets, slots):  # what observe() would do, n at a time
+                if n:
+                    bucket.inc(n)
+            series._sum.inc(slots[-1])
+
+    def tokens(self, backend: str, model: str, usage: Mapping[str, int]) -> None:
         """Tokens of a 2xx answer, whose model has just earned its label."""
-        self.learn((model,))
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        label = self.model(model)
-        if isinstance(prompt, int) and prompt >= 0:
-            self.child(self.prompt_tokens, backend, label).inc(prompt)
-            self.totals["prompt_tokens"] += prompt
-        if isinstance(completion, int) and completion >= 0:
-            self.child(self.completion_tokens, backend, label).inc(completion)
-            self.totals["completion_tokens"] += completion
+        if model not in self.known and len(self.known) < MAX_MODEL_LABELS:
+            self.known.add(model)
+        label = model if model in self.known else "other"
+        for kind, counter in (("prompt_tokens", self.prompt_tokens), ("completion_tokens", self.completion_tokens)):
+            if (n := usage.get(kind)) is not None:
+                self.count(counter, backend, label, amount=n)
+                self.totals[kind] += n
 
     def counters(self) -> dict[str, int]:
         """This process's totals since it started, and its requests in flight, for the page."""
         in_flight = sum(server.in_flight for backend in self.backends.values() for server in backend.servers)
         return {**self.totals, "in_flight": in_flight}
 
+    async def flush_every_while(self) -> None:
+        """Under `--workers`: this worker's figures reach the shared files at least every FLUSH_EVERY s."""
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            self.flush()
+
     def exposition(self) -> bytes:
         """The text format: this process's figures, or with `--workers`, every worker's together."""
+        self.flush()
         now = asyncio.get_running_loop().time()
         for backend in self.backends.values():  # a server's state now, not at its last request
             for server in backend.servers:
                 up = server.ejected_until <= now
                 self.child(self.server_up, backend.name, server.safe_url).set(1 if up else 0)
+                if not self.multiprocess:  # counted on the server as requests go, not twice
+                    self.child(self.in_flight, backend.name, server.safe_url).set(server.in_flight)
         if not self.multiprocess:
             return prometheus_client.generate_latest(self.registry)
         registry = prometheus_client.CollectorRegistry()
@@ -1577,23 +1617,16 @@ class WorkerProcesses:
         return [cpu, memory]
 
 
-def usage_of(body: bytes) -> dict[str, Any] | None:
-    """The `usage` object of a JSON answer, or of the last server-sent event that carries one in
-    the tail of a stream; None when there is none."""
-    if b'"usage"' not in body:
+_TOKENS = re.compile(rb'"(prompt|completion)_tokens"\s*:\s*(\d+)')
+
+
+def usage_of(body: bytes) -> dict[str, int] | None:
+    """The token counts of the last `usage` object in `body` (a JSON answer, or the tail of a
+    stream), read off its text: a decoder would walk the whole answer for two numbers."""
+    if (start := body.rfind(b'"usage"')) < 0:
         return None
-    if body.lstrip().startswith(b"{"):
-        candidates = [body]
-    else:  # events: the last data line that holds a usage
-        candidates = [line[5:] for line in reversed(body.split(b"\n")) if line.startswith(b"data:") and b'"usage"' in line]
-    for candidate in candidates:
-        try:
-            usage = JSON_DECODER.decode(candidate).get("usage")
-        except (ValueError, RecursionError, AttributeError):
-            continue
-        if isinstance(usage, dict):
-            return usage
-    return None
+    counts = {kind.decode() + "_tokens": int(n) for kind, n in _TOKENS.findall(body, start, start + 512)}
+    return counts or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2163,24 +2196,28 @@ def create_app(settings: Settings) -> Starlette:
             app.state.client = client
             app.state.models_stale = asyncio.Event()
             app.state.started = time.monotonic()
-            learning = asyncio.create_task(keep_model_lists(client, settings, app.state.models_stale, app.state.metrics))
+            metrics: Metrics = app.state.metrics
+            learning = asyncio.create_task(keep_model_lists(client, settings, app.state.models_stale, metrics))
+            flushing = asyncio.create_task(metrics.flush_every_while()) if metrics.multiprocess else None
             settle_memory()
             try:
                 yield
             finally:
                 learning.cancel()
+                if flushing:
+                    flushing.cancel()
 
     app = Starlette(
         routes=[
-            Route("/", Endpoint(Page("page.html")), methods=["GET"]),
-            Route("/docs", Endpoint(Page("docs.html")), methods=["GET"]),
-            Route("/openapi.json", Endpoint(openapi), methods=["GET"]),
+            Route("/v1/{path:path}", Endpoint(proxy), methods=["POST"]),  # first: the router tries routes in order
+            Route("/v1/models", Endpoint(list_models), methods=["GET"]),
+            Route("/v1/models/{model:path}", Endpoint(retrieve_model), methods=["GET"]),
             Route("/health", Endpoint(health), methods=["GET"]),
             Route("/metrics", Endpoint(metrics_page), methods=["GET"]),
             Route("/gateway/status", Endpoint(status), methods=["GET"]),
-            Route("/v1/models", Endpoint(list_models), methods=["GET"]),
-            Route("/v1/models/{model:path}", Endpoint(retrieve_model), methods=["GET"]),
-            Route("/v1/{path:path}", Endpoint(proxy), methods=["POST"]),
+            Route("/", Endpoint(Page("page.html")), methods=["GET"]),
+            Route("/docs", Endpoint(Page("docs.html")), methods=["GET"]),
+            Route("/openapi.json", Endpoint(openapi), methods=["GET"]),
         ],
         middleware=[Middleware(AccessLog), *cors(settings)],
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: internal_error},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import gc
 import gzip
 import hashlib
@@ -18,6 +19,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import resource
 import select
@@ -32,6 +34,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
@@ -40,12 +43,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import h11
+import h11._readers
 import httpx
 import openai
 import pytest
 import uvicorn
 import uvicorn.server
-from hypothesis import HealthCheck, Phase, example, given
+from hypothesis import HealthCheck, Phase, example, given, reject
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pytest_httpx import HTTPXMock
@@ -2468,6 +2473,1028 @@ def test_over_a_real_socket_pieces_sent_one_by_one_get_the_in_process_answer(
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. The wire, cut at every point: what backends send
+#
+# The backend side of the wire: whatever bytes a backend writes, the client gets what they mean.
+#
+# A scripted upstream (a raw TCP server on 127.0.0.1) answers the gateway's upstream request with
+# bytes from a corpus of valid and invalid HTTP/1.1 responses, written in random pieces at random
+# small intervals; a raw client reads what the gateway relays. The oracle is a reference parser:
+# h11, as a client that sent the gateway's request, fed the exact bytes the upstream wrote. What
+# reaches the client must be what h11 makes of them (same status, same end-to-end headers, same
+# body bytes), or a clean failure: the gateway's own 502/504 in OpenAI's error shape while nothing
+# was relayed, or an aborted response (no clean end) once the upstream broke off mid-body. Where h11
+# refuses the bytes, the client never gets a complete, clean answer. After every exchange the
+# gateway answers the next request at once; no exchange waits for READ_TIMEOUT: it never hangs.
+#
+# The reference is h11 0.16 with these corrections, each from the RFCs:
+# - chunk lines follow RFC 9112 7.1.1: whitespace (BWS) around ";" and "=" of an extension is
+#   allowed, where h11 refuses it before ";" and takes anything after it; what only that lenient
+#   reading takes may be relayed or refused (the gateway ignores extensions);
+# - a status over 599 is refused (RFC 9110 15); the reason phrase is ignored (RFC 9112 4);
+# - where the RFCs leave the recipient a choice (a control character in a field value, a version
+#   other than 1.0 and 1.1, a 1xx in HTTP/1.0, empty lines before a status line; bare CR or LF and
+#   obs-fold, which the corruptions never bring in), a faithful relay and a clean failure both pass;
+# - h11 runs without its 16 KiB limit on a head: the limits are the gateway's (100 KiB of head, a
+#   bounded number of fields, bounded trailers). A head up to 16 KiB and 100 fields, trailers up to
+#   4 KiB, must be relayed; a head over 101 KiB or of 10,000 fields is a 502; trailers of 1 MiB or
+#   10,000 fields abort the response; in between, either.
+#
+# (CONTRACT.md sections 4, 5 "The wire", 6.)
+# ---------------------------------------------------------------------------------------------
+
+KiB = 1024
+BACKEND_READ_TIMEOUT = 2.0  # the gateway's: the longest any exchange here may take, plus CLIENT_PATIENCE
+CLIENT_PATIENCE = 3.0  # seconds of silence from the gateway that the client bears before it calls it a hang
+FAKE = b"fake"
+
+# The gateway's documented limits, and where they surely apply: between the two, either a relay or a refusal.
+HEAD_ALWAYS_RELAYED = 16 * KiB
+HEAD_ALWAYS_REFUSED = 100 * KiB + 1 * KiB  # a response head over 100 KiB is a 502 (README, "Connections")
+FIELDS_ALWAYS_RELAYED = 100
+FIELDS_ALWAYS_REFUSED = 10_000  # nginx answers 502 long before
+TRAILERS_ALWAYS_RELAYED = 4 * KiB
+TRAILERS_ALWAYS_REFUSED = 1 * MiB
+
+# What the gateway never relays (CONTRACT 4): hop-by-hop fields, what `Connection` names, cookies, and
+# Date and Server, which its own server writes. It adds `x-gateway-backend` and `x-gateway-model`, and to
+# streams `x-accel-buffering`.
+NOT_END_TO_END = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+                  b"set-cookie", b"date", b"server", b"x-accel-buffering"}
+GATEWAYS_OWN = {b"x-gateway-backend", b"x-gateway-model", b"x-accel-buffering"}  # model: CONTRACT 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripted upstream
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the upstream does with one request: `data`, written in pieces that begin at `splits`,
+    each after its pause in `pauses` (seconds); then it keeps the connection for the next request,
+    closes it, or resets it. `early`: it answers as soon as the request head is in, and reads the
+    body afterwards. `act`, when given, runs instead, on the connection, and says what follows."""
+
+    data: bytes = b""
+    splits: tuple[int, ...] = ()
+    pauses: tuple[float, ...] = ()
+    then: str = "keep"  # "keep" | "close" | "reset"
+    early: bool = False
+    act: Callable[[socket.socket], str] | None = None
+
+    def writes(self) -> Iterator[tuple[float, bytes]]:
+        bounds = [0, *sorted(set(s for s in self.splits if 0 < s < len(self.data))), len(self.data)]
+        for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            yield (self.pauses[i] if i < len(self.pauses) else 0.0), self.data[start:end]
+
+
+UPSTREAM_JSON_OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+OK = Reply(UPSTREAM_JSON_OK)
+
+
+@dataclass
+class Received:
+    """A request as the upstream read it, and on which of its connections."""
+
+    connection: int
+    head: bytes
+    body: bytes
+
+
+class ScriptedUpstream:
+    """A raw HTTP/1.1 server on 127.0.0.1, one thread per connection. Each request it reads takes
+    the next scripted `Reply`, on whichever connection it comes; with none left it answers `OK`."""
+
+    def __init__(self) -> None:
+        self.listener = bound_socket()
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.replies: queue.SimpleQueue[Reply] = queue.SimpleQueue()
+        self.received: list[Received] = []
+        self.connections = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def script(self, *replies: Reply) -> None:
+        """The replies to the next requests, in order, instead of whatever was scripted before."""
+        while not self.replies.empty():
+            self.replies.get_nowait()
+        for reply in replies:
+            self.replies.put(reply)
+
+    def copies_of(self, marker: bytes) -> int:
+        return sum(marker in seen.body for seen in self.received)
+
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                number = self.connections
+            threading.Thread(target=self.serve, args=(conn, number), daemon=True).start()
+
+    def serve(self, conn: socket.socket, number: int) -> None:
+        conn.settimeout(30)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write its own segment, at once
+        buffer = bytearray()
+        with conn, suppress(OSError):
+            while True:
+                head = _read_until(conn, buffer, b"\r\n\r\n")
+                if head is None:
+                    return  # the gateway closed it
+                try:
+                    reply = self.replies.get_nowait()
+                except queue.Empty:
+                    reply = OK
+                length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+                body = b"" if reply.early else _read_exactly(conn, buffer, length)
+                self.received.append(Received(number, head, body))
+                if reply.act:
+                    then = reply.act(conn)
+                else:
+                    then = reply.then
+                    for pause, piece in reply.writes():
+                        if pause:
+                            time.sleep(pause)
+                        conn.sendall(piece)
+                    if reply.early:
+                        self.received[-1].body = _read_exactly(conn, buffer, length)
+                if then == "reset":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                if then != "keep":
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _read_until(conn: socket.socket, buffer: bytearray, marker: bytes) -> bytes | None:
+    while (end := buffer.find(marker)) < 0:
+        if not (data := conn.recv(65536)):
+            return None
+        buffer += data
+    head = bytes(buffer[: end + len(marker)])
+    del buffer[: end + len(marker)]
+    return head
+
+
+def _read_exactly(conn: socket.socket, buffer: bytearray, length: int) -> bytes:
+    while len(buffer) < length:
+        if not (data := conn.recv(65536)):
+            break
+        buffer += data
+    body = bytes(buffer[:length])
+    del buffer[:length]
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# One gateway for the module, in front of the scripted upstream
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackendWire:
+    gw: str
+    upstream: ScriptedUpstream
+
+
+@pytest.fixture(scope="module")
+def backend_wire() -> Iterator[BackendWire]:
+    upstream = ScriptedUpstream()
+    app = gateway.create_app(settings(
+        BACKENDS=f"fake={upstream.url}", DEFAULT_BACKEND="fake", GATEWAY_ID="backend_wire-harness",
+        BACKEND_READ_TIMEOUT=str(BACKEND_READ_TIMEOUT), CONNECT_TIMEOUT="2",
+    ))
+    try:
+        with serve_gateway(app) as gw:
+            yield BackendWire(gw, upstream)
+    finally:
+        upstream.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The client: a raw connection, its answer read by h11
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Relayed:
+    """What a client got: the final status, headers and body; `complete` when the response ended
+    cleanly, false when the gateway closed the connection mid-body (an aborted response)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    complete: bool
+    took: float
+    sock: socket.socket | None = None  # still open for the next request, after a clean end
+
+    def header(self, name: bytes) -> list[bytes]:
+        return [v for n, v in self.headers if n == name]
+
+    def error(self) -> dict:
+        body = json.loads(self.body)
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        return body["error"]
+
+    def __repr__(self) -> str:
+        body = self.body if len(self.body) < 300 else self.body[:300] + b"..."
+        return (f"Relayed(status={self.status}, complete={self.complete}, took={self.took:.2f}s, "
+                f"headers={self.headers[:12]}{'...' if len(self.headers) > 12 else ''}, body={body!r})")
+
+
+def chat_body(marker: bytes = b"") -> bytes:
+    marker = marker or uuid.uuid4().hex.encode()
+    return b'{"model":"fake:m","messages":[{"role":"user","content":"%s"}]}' % marker
+
+
+def ask(gw: str, body: bytes | None = None, headers: bytes = b"", sock: socket.socket | None = None) -> Relayed:
+    """POST a chat request through the gateway and read its answer with h11. A silence longer than
+    CLIENT_PATIENCE fails the test: the gateway hung."""
+    body = chat_body() if body is None else body
+    sock = sock or connect_to(gw, timeout=CLIENT_PATIENCE)
+    started = time.monotonic()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                 b"%sContent-Length: %d\r\n\r\n%s" % (headers, len(body), body))
+    client = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * MiB)
+    client.send(h11.Request(method="POST", target="/", headers=[("Host", "gw"), ("Content-Length", str(len(body)))]))
+    client.send(h11.Data(data=body))
+    client.send(h11.EndOfMessage())
+    status, got, chunks, closed = 0, [], [], False
+    while True:
+        try:
+            event = client.next_event()
+        except h11.RemoteProtocolError:
+            assert closed, f"the gateway spoke no valid HTTP/1.1 to its client: {b''.join(chunks)!r}"
+            assert status, "the gateway closed the connection without an answer"
+            sock.close()
+            return Relayed(status, got, b"".join(chunks), False, time.monotonic() - started)
+        if event is h11.NEED_DATA:
+            try:
+                data = sock.recv(MiB)
+            except TimeoutError:
+                sock.close()
+                raise AssertionError(f"the gateway hung: nothing for {CLIENT_PATIENCE} s after status {status or '-'} "
+                                     f"and {sum(map(len, chunks))} body bytes") from None
+            except ConnectionResetError:
+                data = b""
+            closed = not data
+            client.receive_data(data)
+        elif isinstance(event, h11.Response):
+            status, got = event.status_code, [(n.lower(), v) for n, v in event.headers.raw_items()]
+        elif isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            keep = client.our_state is h11.DONE and client.their_state is h11.DONE
+            if not keep:
+                sock.close()
+            return Relayed(status, got, b"".join(chunks), True, time.monotonic() - started, sock if keep else None)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise AssertionError("the gateway closed the connection without an answer")
+        # InformationalResponse: a 1xx the gateway chose to pass on; the final answer follows
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle: what h11 makes of the upstream's bytes
+# ---------------------------------------------------------------------------------------------
+
+# RFC 9112 7.1.1: chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ), a name
+# being a token and a value a token or a quoted-string (RFC 9110 5.6.2, 5.6.4). h11 0.16 refuses the
+# BWS before ";" (`6 ;x=1`) and takes anything at all after it; the reference follows the grammar
+# (and, as h11, takes whitespace before the CRLF).
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_EXT = rb"(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*" % (_TOKEN, _TOKEN, _QUOTED)
+RFC9112_CHUNK_HEADER = re.compile(rb"(?P<chunk_size>[0-9A-Fa-f]{1,20})(?P<chunk_ext>%s)[ \t]*\r\n" % _EXT)
+# What h11 takes after ";" (anything), with the BWS before it: an extension the grammar refuses but
+# a lenient parser takes. The gateway ignores extensions, so it may take it or refuse it.
+LENIENT_CHUNK_HEADER = re.compile(rb"(?P<chunk_size>[0-9A-Fa-f]{1,20})(?P<chunk_ext>[ \t]*;.*)?[ \t]*\r\n")
+
+
+@contextmanager
+def chunk_headers_read_by(pattern: re.Pattern[bytes]) -> Iterator[None]:
+    original = h11._readers.chunk_header_re
+    h11._readers.chunk_header_re = pattern
+    try:
+        yield
+    finally:
+        h11._readers.chunk_header_re = original
+
+
+CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+@dataclass
+class Reading:
+    """The reference's reading of an upstream's bytes."""
+
+    status: int = 0  # of the final response; 0 when its head never came whole
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    complete: bool = False
+    error: str = ""  # why h11 refused the bytes, or that they ended too soon
+    head_bytes: int = 0  # of every head up to the final one, 1xx included
+    trailer_bytes: int = 0
+    version: bytes = b"1.1"
+    control_chars: bool = False  # in a field value: RFC 9110 5.5 lets a recipient keep or refuse them
+    lenient: bool = False  # read only with the lenient chunk line, a 1xx from HTTP/1.0, empty lines first
+
+    def verdict(self) -> str:
+        """`relay`: the client gets exactly this answer. `refuse`: the gateway's own 502/504.
+        `break`: a 502/504, or the head and as much of the body as came, with no clean end.
+        `either`: between the limits, or where the RFCs let the recipient choose: relay, or fail cleanly."""
+        if self.head_bytes > HEAD_ALWAYS_REFUSED or len(self.headers) >= FIELDS_ALWAYS_REFUSED:
+            return "refuse"
+        if not self.status:
+            return "refuse"
+        if self.trailer_bytes > TRAILERS_ALWAYS_REFUSED or len(self.trailers) >= FIELDS_ALWAYS_REFUSED:
+            return "break"
+        if not self.complete:
+            return "break"
+        if (self.head_bytes > HEAD_ALWAYS_RELAYED or len(self.headers) > FIELDS_ALWAYS_RELAYED
+                or self.trailer_bytes > TRAILERS_ALWAYS_RELAYED or len(self.trailers) > 16):
+            return "either"
+        if self.version not in (b"1.0", b"1.1") or self.control_chars or self.lenient:
+            return "either"  # h11 takes any digit.digit, any CTL in a field, anything in a chunk extension
+        return "relay"
+
+
+def reference(data: bytes, then: str = "close") -> Reading:
+    """h11's reading of `data`, the upstream's answer to the gateway's request. The upstream then
+    closed the connection (`close`: the end of a body without length), kept it, or reset it (an
+    abnormal end: a body without length is then cut short)."""
+    if data.startswith(b"\r\n") and (stripped := data.lstrip(b"\r\n")):
+        # Empty lines before a start line: a server SHOULD ignore them before a request line (RFC
+        # 9112 2.2); h11 refuses them before a status line, many clients skip them.
+        reading = reference(stripped, then)
+        reading.lenient, reading.head_bytes = True, reading.head_bytes + len(data) - len(stripped)
+        return reading
+    reading = _read(data, then, RFC9112_CHUNK_HEADER)
+    if reading.error.startswith("illegal chunk header"):
+        lenient = _read(data, then, LENIENT_CHUNK_HEADER)
+        if not lenient.error.startswith("illegal chunk header"):
+            lenient.lenient = True
+            return lenient
+    return reading
+
+
+def _read(data: bytes, then: str, chunk_header: re.Pattern[bytes]) -> Reading:
+    upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * MiB)
+    upstream.send(h11.Request(method="POST", target="/v1/chat/completions",
+                              headers=[("Host", "127.0.0.1"), ("Content-Length", "2")]))
+    upstream.send(h11.Data(data=b"{}"))
+    upstream.send(h11.EndOfMessage())
+    reading = Reading()
+    heads_end = _ends_of_heads(data)
+    with chunk_headers_read_by(chunk_header):
+        upstream.receive_data(_plain_reasons(data))
+        if then == "close":
+            upstream.receive_data(b"")
+        try:
+            while True:
+                event = upstream.next_event()
+                if isinstance(event, (h11.InformationalResponse, h11.Response, h11.EndOfMessage)):
+                    reading.control_chars |= any(CONTROL.search(v) for _, v in event.headers.raw_items())
+                if isinstance(event, h11.InformationalResponse):
+                    reading.lenient |= event.http_version != b"1.1"  # a 1xx in HTTP/1.0, which has none
+                    continue
+                if isinstance(event, h11.Response):
+                    if event.status_code > 599:  # RFC 9110 15: valid codes are 100-599; h11 takes any three digits
+                        raise h11.RemoteProtocolError(f"status {event.status_code} is outside 100-599")
+                    reading.status, reading.version = event.status_code, event.http_version
+                    reading.headers = [(n.lower(), v) for n, v in event.headers.raw_items()]
+                    reading.head_bytes = heads_end.pop() if heads_end else len(data)
+                elif isinstance(event, h11.Data):
+                    reading.body += bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    reading.trailers = [(n.lower(), v) for n, v in event.headers.raw_items()]
+                    reading.trailer_bytes = sum(len(n) + len(v) + 4 for n, v in reading.trailers)
+                    reading.complete = True
+                    return reading
+                else:  # NEED_DATA with the connection kept or reset, or closed before a response
+                    reading.error = "the bytes end before the response does"
+                    return reading
+        except h11.RemoteProtocolError as exc:
+            reading.error = str(exc)
+            if not reading.status:
+                reading.head_bytes = len(data)
+            return reading
+
+
+def _plain_reasons(data: bytes) -> bytes:
+    """`data` with the reason phrase of each status line replaced: a client SHOULD ignore it (RFC
+    9112 4), and the gateway does (its server writes its own); h11 refuses some bytes in it."""
+    out, start = bytearray(data), 0
+    while (m := re.match(rb"HTTP/\d\.\d (\d\d\d) ([^\r\n]*)\r\n", out[start:])) and m.group(2):
+        out[start + m.start(2):start + m.end(2)] = b"R"
+        if not m.group(1).startswith(b"1") or (end := out.find(b"\r\n\r\n", start)) < 0:
+            break
+        start = end + 4
+    return bytes(out)
+
+
+def _ends_of_heads(data: bytes) -> list[int]:
+    """Where the heads in `data` end, as far as a final (non-1xx) one: the last is the final head's end."""
+    ends, start = [], 0
+    while (end := data.find(b"\r\n\r\n", start)) >= 0:
+        ends.append(end + 4)
+        if not re.match(rb"HTTP/\d\.\d 1\d\d", data[start:start + 12]):
+            break
+        start = end + 4
+    return ends[-1:] if ends else []
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]], status: int, ours: frozenset[bytes] = frozenset()) -> list:
+    named = {t.strip().lower() for n, v in headers if n == b"connection" for t in v.split(b",")}
+    dropped = NOT_END_TO_END | named | ours | ({b"content-length"} if status in (204, 304) else set())
+    return [(n, v) for n, v in headers if n not in dropped and not n.startswith(b"proxy-")]
+
+
+def assert_relayed(answer: Relayed, reading: Reading) -> None:
+    """The client got the upstream's answer whole: status, end-to-end headers, body, a clean end."""
+    assert answer.complete, f"aborted, where the reference reads a whole answer: {answer}"
+    assert answer.status == reading.status, f"status {answer.status}, the reference reads {reading.status}: {answer}"
+    assert end_to_end(answer.headers, answer.status, GATEWAYS_OWN) == end_to_end(reading.headers, reading.status)
+    assert answer.header(b"x-gateway-backend") == [FAKE]
+    assert answer.body == reading.body, f"body differs: {answer.body[:200]!r} vs {reading.body[:200]!r}"
+
+
+def assert_gateway_error(answer: Relayed, statuses: tuple[int, ...] = (502, 504)) -> None:
+    """The gateway's own error in OpenAI's shape, nothing of the upstream's relayed."""
+    assert answer.complete and answer.status in statuses, f"expected the gateway's {statuses}: {answer}"
+    assert answer.header(b"content-type") == [b"application/json"], answer
+    assert answer.error()["type"] in ("upstream_error", "server_error"), answer
+    assert answer.header(b"x-gateway-backend") == [FAKE]
+
+
+def assert_aborted(answer: Relayed, reading: Reading) -> None:
+    """The upstream's head and as much of its body as the reference reads, then no clean end."""
+    assert not answer.complete, f"a clean end, where the reference reads no whole answer ({reading.error}): {answer}"
+    assert answer.status == reading.status, answer
+    assert end_to_end(answer.headers, answer.status, GATEWAYS_OWN) == end_to_end(reading.headers, reading.status)
+    assert reading.body.startswith(answer.body), f"bytes the upstream never sent: {answer}"
+
+
+def assert_clean_failure(answer: Relayed, reading: Reading) -> None:
+    if answer.complete:
+        assert_gateway_error(answer)
+    else:
+        assert_aborted(answer, reading)
+
+
+def judge(answer: Relayed, reading: Reading) -> None:
+    verdict = reading.verdict()
+    if verdict == "relay":
+        assert_relayed(answer, reading)
+    elif verdict == "refuse":
+        assert_gateway_error(answer)
+    elif verdict == "break":
+        assert_clean_failure(answer, reading)
+    elif answer.complete and not is_gateway_error(answer):  # "either"
+        assert_relayed(answer, reading)
+    else:
+        assert_clean_failure(answer, reading)
+
+
+def is_gateway_error(answer: Relayed) -> bool:
+    return answer.status in (502, 504) and b'"type":"upstream_error"' in answer.body.replace(b" ", b"")
+
+
+def assert_serves_next(backend_wire: BackendWire, after: Relayed | None = None) -> None:
+    """The next request, on the client connection kept alive if there is one, is answered at once."""
+    backend_wire.upstream.script()
+    answer = ask(backend_wire.gw, sock=after.sock if after else None)
+    assert (answer.status, answer.body, answer.complete) == (200, b"{}", True), f"the next request: {answer}"
+    assert answer.took < BACKEND_READ_TIMEOUT, answer
+    if answer.sock:
+        answer.sock.close()
+
+
+def exchange(backend_wire: BackendWire, reply: Reply) -> tuple[Relayed, Reading]:
+    """The client's request answered by the upstream with `reply`; the reference's reading of it."""
+    backend_wire.upstream.script(reply)
+    answer = ask(backend_wire.gw)
+    return answer, reference(reply.data, reply.then)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time: a budget per property
+# ---------------------------------------------------------------------------------------------
+
+
+class Budget:
+    """Hypothesis has no time limit: past `seconds` a property rejects every new case, unless one
+    has failed (it is then shrinking, for SHRINK_SECONDS at most), and the engine, allowed few
+    rejections (INVALID_BASE), stops."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started: float | None = None
+        self.failed = False
+
+    @contextmanager
+    def case(self) -> Iterator[None]:
+        if self.started is None:
+            self.started = time.monotonic()
+        if not self.failed and time.monotonic() - self.started > self.seconds:
+            reject()
+        try:
+            yield
+        except BaseException:
+            self.failed = True
+            raise
+
+
+SHRINK_SECONDS = 1.5
+INVALID_BASE = 50  # rejected cases a property may draw, beyond one per valid case, before it stops
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hypothesis_within_budget() -> Iterator[None]:
+    """Hypothesis shrinks for up to 5 minutes, and draws on through 458 + 100 rejected cases per
+    valid one; here (with its engine's own knobs), SHRINK_SECONDS and INVALID_BASE + 1 per valid."""
+    from hypothesis.internal.conjecture import engine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "MAX_SHRINKING_SECONDS", SHRINK_SECONDS)
+        patch.setattr(engine, "INVALID_THRESHOLD_BASE", INVALID_BASE)
+        patch.setattr(engine, "INVALID_PER_VALID", 1)
+        yield
+
+
+SCALE = float(os.environ.get("WIRE_SCALE", "1"))  # WIRE_SCALE=20: a longer search, off CI
+
+
+def budget(seconds: float, examples: int) -> Callable:
+    """A property run for at most `examples` cases or about `seconds`, whichever comes first."""
+
+    def decorate(test: Callable) -> Callable:
+        test.budget = Budget(seconds * SCALE)  # type: ignore[attr-defined]
+        return hypothesis_settings(
+            max_examples=int(examples * SCALE), deadline=None, database=None, print_blob=True,
+            report_multiple_bugs=False,  # else it searches on for 10 s after the first failure
+            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                   HealthCheck.filter_too_much, HealthCheck.data_too_large],
+        )(test)
+
+    return decorate
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus
+# ---------------------------------------------------------------------------------------------
+
+STATUSES = [200, 200, 200, 201, 400, 401, 404, 413, 429, 500, 503]
+REASONS = {200: b"OK", 201: b"Created", 204: b"No Content", 304: b"Not Modified", 400: b"Bad Request",
+           401: b"Unauthorized", 404: b"Not Found", 413: b"Content Too Large", 429: b"Too Many Requests",
+           500: b"Internal Server Error", 503: b"Service Unavailable"}
+INFORMATIONAL = [b"HTTP/1.1 100 Continue\r\n\r\n",
+                 b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"]
+FIELDS = [
+    (b"content-type", b"application/json"), (b"content-type", b"text/event-stream"),
+    (b"x-request-id", b"req_123"), (b"retry-after", b"7"), (b"x-ratelimit-remaining-requests", b"59"),
+    (b"openai-processing-ms", b"12"), (b"cache-control", b"no-cache"), (b"content-encoding", b"gzip"),
+    (b"vary", b"Origin"), (b"vary", b"Accept-Encoding"), (b"X-Mixed-Case", b"Value"),
+    (b"set-cookie", b"session=1; Path=/"), (b"date", b"Mon, 01 Jan 2024 00:00:00 GMT"), (b"server", b"uvicorn"),
+    (b"keep-alive", b"timeout=5"), (b"proxy-authenticate", b"Basic"), (b"te", b"trailers"),
+    (b"upgrade", b"h2c"), (b"x-hop", b"by-hop"), (b"trailer", b"x-checksum"), (b"x-accel-buffering", b"yes"),
+    (b"x-empty", b""), (b"x-spaced", b"a  b\tc"),
+]
+field_values = st.binary(min_size=1, max_size=40).map(
+    lambda b: bytes(0x21 + c % 94 for c in b)  # visible ASCII
+)
+bodies = st.one_of(
+    st.binary(max_size=3000),
+    st.lists(st.binary(max_size=60).map(bytes.hex), max_size=8).map(
+        lambda words: b"".join(b"data: %s\n\n" % w.encode() for w in words) + b"data: [DONE]\n\n"),
+)
+# RFC 9112 7.1.1: chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ), a value
+# being a token or a quoted string; RFC 9110 5.6.3: a recipient MUST parse BWS and remove it.
+BWS_EXTENSIONS = [b" ;x=1", b"\t;x=1", b"; x=1", b";x =1", b";x= 1", b";x = 1", b";x ;y", b'; a = "q;\\"s" ;b']
+# The property's corpus takes whitespace before ";" only; the test of each BWS form names the rest.
+EXTENSIONS = [b"", b"", b";x=1", b";x", b';x="q;s"', b";x;y=z", b";" + b"e" * 200, b" ;x=1", b"\t;x=1"]
+
+
+@st.composite
+def chunked_body(draw: Any, body: bytes) -> bytes:
+    """`body` as chunks of random sizes, with extensions and trailers."""
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(body) - 1)), max_size=6)))) if len(body) > 1 else []
+    out = []
+    for start, end in zip([0, *cuts], [*cuts, len(body)]):
+        if end <= start:
+            continue
+        size = draw(st.sampled_from([b"%x", b"%X", b"00%x"])) % (end - start)
+        out.append(size + draw(st.sampled_from(EXTENSIONS)) + b"\r\n" + body[start:end] + b"\r\n")
+    trailers = draw(st.lists(st.tuples(st.sampled_from([b"x-checksum", b"x-t", b"server-timing"]), field_values),
+                             max_size=3))
+    last = b"0" + draw(st.sampled_from(EXTENSIONS)) + b"\r\n"
+    return b"".join(out) + last + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n"
+
+
+@st.composite
+def valid_responses(draw: Any, framing: str = "", keep: bool = False) -> tuple[bytes, str]:
+    """A response a correct HTTP/1.1 server may send, and what its server does after it: framed
+    as `framing` (else any way), on a connection it keeps (with `keep`, else either)."""
+    framing = framing or draw(st.sampled_from(["length", "length", "chunked", "chunked", "close", "bodiless"]))
+    version = b"HTTP/1.1" if framing == "chunked" else draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]))
+    status = draw(st.sampled_from([204, 304])) if framing == "bodiless" else draw(st.sampled_from(STATUSES))
+    fields = draw(st.lists(st.sampled_from(FIELDS) | st.tuples(st.sampled_from([b"x-a", b"x-b"]), field_values),
+                           max_size=8))
+    if any(n == b"x-hop" for n, _ in fields) and draw(st.booleans()):
+        fields.append((b"connection", b"x-hop"))
+    body = b"" if framing == "bodiless" else draw(bodies)
+    then = "close" if framing == "close" else "keep" if keep else draw(st.sampled_from(["keep", "keep", "close"]))
+    if framing == "length":
+        fields.append((b"content-length", b"%d" % len(body)))
+    elif framing == "chunked":
+        fields.append((b"transfer-encoding", b"chunked"))
+        body = draw(chunked_body(body))
+    elif status == 304 and draw(st.booleans()):
+        fields.append((b"content-length", b"%d" % draw(st.integers(0, 99))))  # of the representation: no body
+    if version == b"HTTP/1.0" and then == "keep":
+        fields.append((b"connection", b"keep-alive"))
+    elif then == "close":
+        fields.append((b"connection", b"close"))  # a server that closes says so: no race with the pool
+    draw(st.randoms(use_true_random=False)).shuffle(fields)
+    informational = b"" if version == b"HTTP/1.0" else b"".join(draw(st.lists(st.sampled_from(INFORMATIONAL),
+                                                                              max_size=2)))
+    head = b"%s %d %s\r\n" % (version, status, REASONS[status]) + b"".join(n + b": " + v + b"\r\n" for n, v in fields)
+    return informational + head + b"\r\n" + body, then
+
+
+@st.composite
+def deliveries(draw: Any, data: bytes, then: str, early: bool = False, extra: bytes = b"") -> Reply:
+    """`data` in random writes at random small intervals; `extra` goes with the last write."""
+    splits = tuple(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=6))) if len(data) > 1 else ()
+    pauses = tuple(draw(st.lists(st.sampled_from([0.0, 0.0, 0.0005, 0.002]), max_size=7)))
+    return Reply(data + extra, splits, pauses, then, early)
+
+
+AFTER_THE_END = [
+    b"HTTP/1.1 200 OK\r\ncontent-length: 30\r\n\r\nLEFTOVER",  # a response nobody asked for
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+    b"garbage",
+    b"\x00\xff" * 8,
+    b"data: [DONE]\n\n",
+]
+NOT_HTTP = [
+    b"ICY 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+    b"HTTP/2 200\r\ncontent-length: 2\r\n\r\n{}",
+    b"HTTP/1.1 2000 OK\r\ncontent-length: 2\r\n\r\n{}",
+    b"HTTP/1.1 600 Weird\r\ncontent-length: 2\r\n\r\n{}",
+    b"HTTP/1.1 099 Low\r\ncontent-length: 2\r\n\r\n{}",
+    b"HTTP/1.1 20 OK\r\ncontent-length: 2\r\n\r\n{}",
+    b"http/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+    b"SSH-2.0-OpenSSH_9.6\r\n",
+    b'{"id": "chatcmpl-1", "object": "chat.completion"}',
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # a TLS ClientHello: a backend on https
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}",  # conflicting lengths
+    b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nx: a\x00b\r\ncontent-length: 2\r\n\r\n{}",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid responses
+# ---------------------------------------------------------------------------------------------
+
+
+@budget(seconds=3, examples=150)
+@given(case=valid_responses().flatmap(lambda r: deliveries(*r)))
+@example(case=Reply(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: 1\r\n\r\n"))
+@example(case=Reply(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" + UPSTREAM_JSON_OK))
+@example(case=Reply(b"HTTP/1.1 204 No Content\r\n\r\n"))
+@example(case=Reply(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n"))
+@example(case=Reply(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: one\n\n", then="close"))
+def test_a_valid_response_reaches_the_client_as_the_reference_parser_reads_it(backend_wire: BackendWire, case: Reply) -> None:
+    with test_a_valid_response_reaches_the_client_as_the_reference_parser_reads_it.budget.case():
+        answer, reading = exchange(backend_wire, case)
+        assert reading.verdict() == "relay", reading  # the corpus is valid, within every limit
+        assert_relayed(answer, reading)
+        assert_serves_next(backend_wire, answer)
+
+
+@budget(seconds=1.5, examples=60)
+@given(case=st.sampled_from(["length", "chunked", "bodiless"]).flatmap(lambda framing: valid_responses(framing, True))
+       .flatmap(lambda r: st.sampled_from(AFTER_THE_END).flatmap(lambda extra: deliveries(*r, extra=extra))))
+@example(case=Reply(UPSTREAM_JSON_OK + b"HTTP/1.1 200 OK\r\ncontent-length: 30\r\n\r\nLEFTOVER"))
+@example(case=Reply(b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"))
+def test_bytes_after_a_complete_response_are_never_read_as_the_next_answer(backend_wire: BackendWire, case: Reply) -> None:
+    with test_bytes_after_a_complete_response_are_never_read_as_the_next_answer.budget.case():
+        answer, reading = exchange(backend_wire, case)
+        assert_relayed(answer, reading)
+        assert_serves_next(backend_wire, answer)  # on a fresh upstream connection: this one is out of step
+
+
+@budget(seconds=1.5, examples=40)
+@given(case=valid_responses().flatmap(lambda r: deliveries(*r, early=True)))
+def test_an_answer_sent_before_the_request_body_was_read_reaches_the_client(backend_wire: BackendWire, case: Reply) -> None:
+    with test_an_answer_sent_before_the_request_body_was_read_reaches_the_client.budget.case():
+        answer, reading = exchange(backend_wire, case)
+        assert_relayed(answer, reading)
+        assert_serves_next(backend_wire, answer)
+
+
+def test_an_early_answer_to_a_large_request_body_the_upstream_never_reads_reaches_the_client(backend_wire: BackendWire) -> None:
+    refused = b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\ncontent-length: 16\r\n\r\n" \
+              b'{"error": "big"}'
+    unread = threading.Event()
+
+    def never_reads(conn: socket.socket) -> str:
+        conn.sendall(refused)
+        unread.wait(5)
+        return "close"
+
+    backend_wire.upstream.script(Reply(early=True, act=never_reads))
+    answer = ask(backend_wire.gw, chat_body(b"x" * (8 * MiB)))
+    unread.set()
+    assert_relayed(answer, reference(refused, "keep"))
+    assert_serves_next(backend_wire, answer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses cut short, and responses that are not HTTP
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def cut_responses(draw: Any) -> Reply:
+    data, _ = draw(valid_responses())
+    cut = draw(st.integers(0, len(data) - 1))
+    return draw(deliveries(data[:cut], draw(st.sampled_from(["close", "reset"]))))
+
+
+@budget(seconds=3, examples=120)
+@given(case=cut_responses())
+@example(case=Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234", then="close"))
+@example(case=Reply(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n", then="close"))
+@example(case=Reply(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: one\n\n", then="reset"))
+@example(case=Reply(b"HTTP/1.1 100 Continue\r\n\r\n", then="close"))
+@example(case=Reply(b"HTTP/1.1 200 OK\r\ncontent-le", then="close"))
+@example(case=Reply(b"", then="close"))
+def test_a_response_cut_at_any_point_is_relayed_as_far_as_it_went_and_never_ends_cleanly(
+    backend_wire: BackendWire, case: Reply
+) -> None:
+    with test_a_response_cut_at_any_point_is_relayed_as_far_as_it_went_and_never_ends_cleanly.budget.case():
+        answer, reading = exchange(backend_wire, case)
+        judge(answer, reading)
+        assert_serves_next(backend_wire, answer)
+
+
+INTERESTING_BYTES = [b"\r", b"\n", b" ", b"\t", b":", b";", b"\x00", b"0", b"f", b"G", b"\x7f", b"\xff", b"\r\n"]
+
+
+# Where RFC 9112 lets a recipient choose (a bare LF as a line end: MAY accept, 2.2; a bare CR: reject
+# or replace, 2.2; obs-fold: 502 or replace, 5.2; empty lines before a start line, 2.2; whitespace
+# before a chunk line's CRLF, which h11 takes), both a relay and a refusal are right; the
+# corruptions below never bring one in.
+RFC_CHOICES = [re.compile(rb"(?<!\r)\n"), re.compile(rb"\r(?!\n)"), re.compile(rb"\r\n[ \t]"),
+               re.compile(rb"[ \t]\r\n"), re.compile(rb"\A\r\n"), re.compile(rb"\r\n\r\n\r\n")]
+
+
+def introduces_a_choice(before: bytes, after: bytes) -> bool:
+    return any(len(p.findall(after)) > len(p.findall(before)) for p in RFC_CHOICES)
+
+
+@st.composite
+def corrupted_responses(draw: Any) -> Reply:
+    """A valid response with one byte replaced, inserted or deleted. The upstream keeps the
+    connection when the reference reads a whole response without its end (had it closed, a
+    `Connection: close` corrupted away would leave the gateway a pooled connection closing under
+    the next request: a race HTTP/1.1 cannot tell from a backend that read it), else closes or
+    resets it: a gateway waiting for the rest would wait until BACKEND_READ_TIMEOUT."""
+    valid, _ = draw(valid_responses())
+    at = draw(st.integers(0, len(valid) - 1))
+    how = draw(st.sampled_from(["replace", "insert", "delete"]))
+    byte = draw(st.sampled_from(INTERESTING_BYTES))
+    data = valid[:at] + (b"" if how == "delete" else byte) + valid[at + (how != "insert"):]
+    if introduces_a_choice(valid, data):
+        reject()
+    then = "keep" if reference(data, "keep").complete else draw(st.sampled_from(["close", "reset"]))
+    return draw(deliveries(data, then))
+
+
+@budget(seconds=3, examples=150)
+@given(case=corrupted_responses())
+def test_a_corrupted_response_is_relayed_as_the_reference_reads_it_or_fails_cleanly(backend_wire: BackendWire, case: Reply) -> None:
+    with test_a_corrupted_response_is_relayed_as_the_reference_reads_it_or_fails_cleanly.budget.case():
+        answer, reading = exchange(backend_wire, case)
+        judge(answer, reading)
+        assert_serves_next(backend_wire, answer)
+
+
+@pytest.mark.parametrize("data", NOT_HTTP, ids=lambda d: d[:24].decode("latin-1"))
+def test_a_response_the_reference_refuses_before_its_head_ends_is_a_502(backend_wire: BackendWire, data: bytes) -> None:
+    answer, reading = exchange(backend_wire, Reply(data, then="close"))
+    assert not reading.status, reading  # h11 refuses it too
+    assert_gateway_error(answer, (502,))
+    assert_serves_next(backend_wire, answer)
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked", b"chnked"])
+def test_a_response_in_a_transfer_coding_other_than_chunked_is_a_502(backend_wire: BackendWire, coding: bytes) -> None:
+    """The gateway drops Transfer-Encoding (hop-by-hop): relayed, the coded bytes would reach the
+    client as if they were the body. h11 refuses them; nginx answers 502 ("unknown Transfer-Encoding")."""
+    body = b"2\r\n{}\r\n0\r\n\r\n" if coding.endswith(b"chunked") else b"\x1f\x8b\x08\x00coded"
+    data = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: %s\r\n\r\n%s" % (coding, body)
+    answer, reading = exchange(backend_wire, Reply(data, then="close"))
+    assert reading.verdict() == "refuse", reading
+    assert_gateway_error(answer, (502,))
+    assert_serves_next(backend_wire, answer)
+
+
+BAD_CHUNKS = [b"zz\r\n", b"5\r\nhello", b"5\r\nhelloXX\r\n", b"-1\r\n", b"\r\n", b"fffffffffffffffffffff\r\n",
+              b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n", b"5\r\nhello\r\n0\r\n"]
+
+
+@st.composite
+def badly_chunked_responses(draw: Any) -> Reply:
+    """The head of a valid chunked response, then a chunk that breaks the framing, then a close."""
+    data, _ = draw(valid_responses("chunked"))
+    head_end = data.index(b"\r\n\r\n", data.index(b"transfer-encoding: chunked")) + 4
+    return draw(deliveries(data[:head_end] + draw(st.sampled_from(BAD_CHUNKS)), "close"))
+
+
+@budget(seconds=1.5, examples=60)
+@given(case=badly_chunked_responses())
+def test_a_chunked_body_with_bad_framing_never_ends_cleanly(backend_wire: BackendWire, case: Reply) -> None:
+    with test_a_chunked_body_with_bad_framing_never_ends_cleanly.budget.case():
+        answer, reading = exchange(backend_wire, case)
+        assert reading.verdict() in ("break", "refuse"), reading
+        judge(answer, reading)
+        assert_serves_next(backend_wire, answer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits: heads, header counts, trailers
+# ---------------------------------------------------------------------------------------------
+
+
+def big_head(fields: list[bytes], body: bytes = b"{}") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + b"".join(fields)
+            + b"content-length: %d\r\n\r\n" % len(body) + body)
+
+
+@budget(seconds=1, examples=8)
+@given(case=st.sampled_from([
+    big_head([b"x-big: " + b"x" * (200 * KiB) + b"\r\n"]),  # one endless field
+    big_head([b"x-h-%05d: %s\r\n" % (i, b"v" * 40) for i in range(4000)]),  # 200 KiB of ordinary fields
+    b"HTTP/1.1 103 Early Hints\r\n" + b"link: </a>\r\n" * 20_000 + b"\r\n" + UPSTREAM_JSON_OK,  # a 1xx over the limit
+]).flatmap(lambda data: deliveries(data, "keep")))
+def test_a_response_head_over_100_kib_is_a_502(backend_wire: BackendWire, case: Reply) -> None:
+    with test_a_response_head_over_100_kib_is_a_502.budget.case():
+        answer, reading = exchange(backend_wire, case)
+        assert reading.status == 200 and reading.verdict() == "refuse"  # h11 alone would take it
+        assert_gateway_error(answer, (502,))
+        assert_serves_next(backend_wire, answer)
+
+
+def test_a_response_head_of_50_kib_in_60_fields_is_relayed_whole(backend_wire: BackendWire) -> None:
+    data = big_head([b"x-h-%02d: %s\r\n" % (i, b"v" * 850) for i in range(60)])
+    answer, reading = exchange(backend_wire, Reply(data, splits=(1000, 30_000), then="keep"))
+    assert_relayed(answer, reading)  # h11 with its 16 KiB default would refuse it; the gateway allows 100 KiB
+    assert_serves_next(backend_wire, answer)
+
+
+def test_a_response_with_10000_header_fields_is_a_502(backend_wire: BackendWire) -> None:
+    data = big_head([b"a: b\r\n"] * 10_000)  # 60 KiB: within the size limit
+    answer, reading = exchange(backend_wire, Reply(data, then="keep"))
+    assert reading.verdict() == "refuse"
+    assert_gateway_error(answer, (502,))
+    assert_serves_next(backend_wire, answer)
+
+
+@pytest.mark.parametrize("trailers", [
+    b"x-big: " + b"t" * (12 * MiB + MiB // 2) + b"\r\n",  # one trailer field of 12.5 MiB
+    b"a: b\r\n" * 200_000,  # 200,000 trailer fields, 1.2 MiB
+], ids=["one-12.5-MiB-field", "200000-fields"])
+def test_megabytes_of_trailers_abort_the_response_after_its_body(backend_wire: BackendWire, trailers: bytes) -> None:
+    data = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n" + trailers + b"\r\n"
+    answer, reading = exchange(backend_wire, Reply(data, then="keep"))
+    assert reading.verdict() == "break"
+    assert_clean_failure(answer, reading)
+    assert_serves_next(backend_wire, answer)
+
+
+@pytest.mark.parametrize("extension", BWS_EXTENSIONS, ids=lambda e: e.decode().replace("\t", "TAB"))
+def test_a_chunk_extension_with_whitespace_is_relayed_or_at_worst_aborted(backend_wire: BackendWire, extension: bytes) -> None:
+    """Whitespace before ";" is relayed whole. After it (RFC 9112 allows that too), llhttp, the
+    gateway's parser, refuses the chunk line, and httptools has no setting for it: the stream is
+    aborted, never cut short with a clean end."""
+    data = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6%s\r\nhello!\r\n0\r\n\r\n" % extension
+    answer, reading = exchange(backend_wire, Reply(data, then="keep"))
+    assert (reading.body, reading.complete) == (b"hello!", True)
+    if extension[:1] in (b" ", b"\t"):
+        assert_relayed(answer, reading)
+    else:
+        assert_clean_failure(answer, reading)
+    assert_serves_next(backend_wire, answer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool: what a connection carries next
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_post_the_backend_read_on_a_pooled_connection_is_never_sent_twice(backend_wire: BackendWire) -> None:
+    """A backend that read the request and closed without a byte may be at work on it (CONTRACT 5)."""
+    assert_serves_next(backend_wire)  # a kept-alive connection, back in the pool
+    marker = uuid.uuid4().hex.encode()
+    backend_wire.upstream.script(Reply(b"", then="close"))  # on whichever connection it comes: read, then close
+    answer = ask(backend_wire.gw, chat_body(marker))
+    assert backend_wire.upstream.copies_of(marker) == 1, f"the backend got the request {backend_wire.upstream.copies_of(marker)} times"
+    assert_gateway_error(answer, (502,))
+    assert_serves_next(backend_wire)
+
+
+def test_a_request_with_idempotency_key_is_sent_again_when_its_pooled_connection_closes_unanswered(
+    backend_wire: BackendWire
+) -> None:
+    assert_serves_next(backend_wire)
+    marker = uuid.uuid4().hex.encode()
+    backend_wire.upstream.script(Reply(b"", then="close"), OK)
+    answer = ask(backend_wire.gw, chat_body(marker), headers=b"Idempotency-Key: %s\r\n" % marker)
+    assert (answer.status, answer.body) == (200, b"{}"), answer
+    assert backend_wire.upstream.copies_of(marker) == 2
+
+
+def test_the_next_request_is_answered_at_once_after_a_client_left_a_whole_answer_unread(
+    backend_wire: BackendWire, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client stops reading; the gateway holds the rest of the upstream's answer, which has
+    ended, with reading from the upstream paused at its high-water mark; the client leaves. That
+    connection must not go back to the pool paused: the next request on it would wait for
+    BACKEND_READ_TIMEOUT. (The gateway runs in this process: its HIGH_WATER is lifted while the first
+    9 MiB arrive, so that it reads them whole, then put back, so that the last read pauses.)"""
+    high_water = gateway.HIGH_WATER
+    body_taken, client_gone = threading.Event(), threading.Event()
+
+    def answers_whole_while_the_client_reads_nothing(conn: socket.socket) -> str:
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n%x\r\n" % (9 * MiB) + b"x" * (8 * MiB))
+        read_by_the_gateway(conn)  # relayed: more than the way to the client holds, so the relay must wait
+        conn.sendall(b"y" * MiB + b"\r\n")  # what the relay takes next it cannot send: the rest waits
+        read_by_the_gateway(conn)
+        gateway.HIGH_WATER = high_water  # far over the mark now: the next read pauses
+        conn.sendall(b"5\r\nlast.\r\n0\r\n\r\n")  # and the answer ends in that same read
+        read_by_the_gateway(conn)
+        body_taken.set()
+        client_gone.wait(5)
+        return "keep"
+
+    monkeypatch.setattr(gateway, "HIGH_WATER", 1 << 40)
+    backend_wire.upstream.script(Reply(act=answers_whole_while_the_client_reads_nothing))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(CLIENT_PATIENCE)
+        sock.connect(("127.0.0.1", int(backend_wire.gw.rsplit(":", 1)[1])))
+        body = chat_body()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        assert body_taken.wait(CLIENT_PATIENCE)
+    client_gone.set()
+    assert_serves_next(backend_wire)
+
+
+def read_by_the_gateway(conn: socket.socket, timeout: float = CLIENT_PATIENCE) -> None:
+    """Wait until the gateway (in this process) has read everything sent on `conn`: none of it
+    waits in `conn`'s send queue or in the receive queue of the gateway's end."""
+
+    def queued(sock: socket.socket, request: int) -> int:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
+
+    here, there = conn.getsockname(), conn.getpeername()
+    gateway_end = None
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        with suppress(OSError):
+            candidate = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)  # a duplicate: closing it is safe
+            if candidate.getsockname() == there and candidate.getpeername() == here:
+                gateway_end = candidate
+                break
+            candidate.close()
+    assert gateway_end is not None, "the gateway's end of the upstream connection is not in this process"
+    deadline = time.monotonic() + timeout
+    with gateway_end:
+        while queued(conn, SIOCOUTQ) or queued(gateway_end, FIONREAD):
+            assert time.monotonic() < deadline, "the gateway stopped reading from the upstream"
+            time.sleep(0.001)
+
+
+SIOCOUTQ, FIONREAD = 0x5411, 0x541B  # Linux: bytes not yet acknowledged by the peer; bytes not yet read
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. Safety: loops
 # ---------------------------------------------------------------------------------------------
 
@@ -3380,6 +4407,7 @@ def test_pages_hold_only_what_their_content_security_policy_allows(path: Path) -
         assert banned not in script, banned
 
 
+@pytest.mark.slow
 def test_page_loads_with_nothing_from_elsewhere_and_no_console_error(page: Any, local_backends: dict[str, str]) -> None:
     with gateway_at(local_backends) as url:
         headers = httpx.get(url + "/").headers
@@ -3393,6 +4421,7 @@ def test_page_loads_with_nothing_from_elsewhere_and_no_console_error(page: Any, 
         assert severe(page) == []
 
 
+@pytest.mark.slow
 def test_backends_and_servers_show_without_credentials(page: Any) -> None:
     dead = free_port()  # an https backend that nobody serves: "cloud-looking", no key
     with serve(upstream_app(["shared-model"], "a")) as a, serve(upstream_app(["shared-model", "big-model"], "b")) as b, \
@@ -3422,6 +4451,7 @@ def test_backends_and_servers_show_without_credentials(page: Any) -> None:
             assert "hunter2secret" not in source and "//user:" not in source and "user@" not in source
 
 
+@pytest.mark.slow
 def test_a_chat_with_echo_streams_into_the_playground(page: Any, local_backends: dict[str, str]) -> None:
     prompt = "one two three four five six seven eight nine ten"
     with gateway_at(local_backends) as url:
@@ -3445,6 +4475,7 @@ def test_a_chat_with_echo_streams_into_the_playground(page: Any, local_backends:
         assert severe(page) == []
 
 
+@pytest.mark.slow
 def test_the_header_counts_live(page: Any, local_backends: dict[str, str]) -> None:
     """The header's counters follow `/gateway/status`, refreshed every 2 s: a chat's tokens show."""
     with gateway_at(local_backends) as url:
@@ -3458,6 +4489,7 @@ def test_the_header_counts_live(page: Any, local_backends: dict[str, str]) -> No
         assert re.search(r"up \d+ s", text_of(page, "#gw-meta"))
 
 
+@pytest.mark.slow
 def test_compare_sends_the_prompt_to_two_models_side_by_side(page: Any, local_backends: dict[str, str]) -> None:
     with gateway_at(local_backends) as url:
         page.get(url + "/")
@@ -3476,6 +4508,7 @@ def test_compare_sends_the_prompt_to_two_models_side_by_side(page: Any, local_ba
         assert re.fullmatch(r"[\d.]+ tok/s", text_of(page, "#col-b .tps"))
 
 
+@pytest.mark.slow
 def test_a_failing_server_shows_ejected_and_its_error_in_the_playground(page: Any, local_backends: dict[str, str]) -> None:
     with serve(upstream_app(["busy-model"], "the model is loading, try later", status=503)) as busy:
         with gateway_at({**local_backends, "BACKENDS": f"busy={busy}/v1"}) as url:
@@ -3488,6 +4521,7 @@ def test_a_failing_server_shows_ejected_and_its_error_in_the_playground(page: An
             assert page.find_elements("css selector", "[data-backend='busy'] .state-ejected")
 
 
+@pytest.mark.slow
 def test_html_from_backends_shows_as_text_and_never_runs(page: Any, local_backends: dict[str, str]) -> None:
     model, answer = "<img src=x onerror=window.__pwned=1>", "<script>window.__pwned=2</script>"
     with serve(upstream_app([model], answer)) as evil:
@@ -3505,6 +4539,7 @@ def test_html_from_backends_shows_as_text_and_never_runs(page: Any, local_backen
             assert not [u for u in requested_urls(page) if u.endswith("/x")], "the <img> never loaded"
 
 
+@pytest.mark.slow
 def test_with_gateway_keys_the_page_asks_for_one_and_keeps_it_in_session_storage(page: Any, local_backends: dict[str, str]) -> None:
     with gateway_at({**local_backends, "GATEWAY_API_KEYS": "right-key"}) as url:
         page.get(url + "/")
@@ -3530,6 +4565,7 @@ def test_with_gateway_keys_the_page_asks_for_one_and_keeps_it_in_session_storage
         assert not page.find_element("id", "key-panel").is_displayed()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keys", ["", "k1"], ids=["open", "with-keys"])
 def test_docs_show_every_path_and_curl_for_this_gateway(page: Any, local_backends: dict[str, str], keys: str) -> None:
     with gateway_at({**local_backends, "ALIASES": "fast=echo:x", "GATEWAY_API_KEYS": keys}) as url:
@@ -3554,6 +4590,7 @@ def test_docs_show_every_path_and_curl_for_this_gateway(page: Any, local_backend
         assert severe(page) == []
 
 
+@pytest.mark.slow
 def test_the_page_fits_a_narrow_window(page: Any, local_backends: dict[str, str]) -> None:
     page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 390, "height": 800, "deviceScaleFactor": 1, "mobile": True})
     with gateway_at(local_backends) as url:
@@ -3563,6 +4600,7 @@ def test_the_page_fits_a_narrow_window(page: Any, local_backends: dict[str, str]
         assert page.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
 
 
+@pytest.mark.slow
 def test_screenshot_of_the_page_after_an_echo_chat(page: Any, local_backends: dict[str, str]) -> None:
     env = {**local_backends, "GATEWAY_ID": "laptop",
            "ALIASES": "gpt-4o-mini=ollama:llama-test,claude-*=ollama:llama-test|openai:gpt-test"}
