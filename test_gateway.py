@@ -4862,6 +4862,18 @@ def test_a_post_the_upstream_may_have_read_is_never_sent_twice(gateway_with: Cal
     assert len(heads) == 2
 
 
+def test_a_post_meeting_a_connection_the_upstream_reset_unread_is_sent_again(gateway_with: Callable) -> None:
+    def answers_then_resets(conn: socket.socket, heads: list[bytes]) -> None:
+        answers(JSON_OK)(conn, heads)
+        select.select([conn], [], [], 5)  # the next request arrives, and is never read
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: a reset
+
+    with socket_upstream(answers_then_resets, answers(JSON_OK)) as (url, heads):
+        gw = gateway_with(BACKENDS=f"fake={url}")
+        assert [post(gw).status_code for _ in range(2)] == [200, 200]
+    assert len(heads) == 2  # read once: by the second connection
+
+
 def test_a_request_with_an_idempotency_key_meeting_a_closing_connection_is_sent_again(gateway_with: Callable) -> None:
     with socket_upstream(answers(JSON_OK, None), answers(JSON_OK)) as (url, heads):
         gw = gateway_with(BACKENDS=f"fake={url}")
