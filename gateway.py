@@ -651,7 +651,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.received_any = False
         self.progressed = False  # the parser handed over a piece of the response in the current read
         self.held = 0  # bytes httptools may be holding: of an unfinished head, or read since it last did
-        self.unread = False  # the upstream reset the connection: it never read what was sent
         self.error: Exception | None = None
         self.waiter: asyncio.Future[None] | None = None
 
@@ -693,9 +692,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm()
-        # A reset, not a close: the upstream's socket was closed with the request unread (its kernel
-        # resets a connection closed with bytes unread, or that bytes reach after it closed).
-        self.unread = isinstance(exc, (ConnectionResetError, BrokenPipeError))
         if self.phase in (Phase.RECEIVING, Phase.PAUSED) and exc is None and not self.framed:
             self.on_message_complete()  # a body without length or chunks ends when the upstream closes
         self.break_off(httpx.RemoteProtocolError("the upstream closed the connection before its response ended"))
@@ -885,14 +881,13 @@ class Http11Transport(httpx.AsyncBaseTransport):
     `max_connections` requests at once.
 
     A request is never sent twice when the backend may have read it: an LLM request sent twice is
-    paid twice. A request that meets a pooled connection the upstream was closing as it came (lost
-    within `STALE_WINDOW`, before a byte of answer) is sent once more on a fresh connection only
-    when the upstream reset the connection, which its kernel does to a socket closed with the
-    request unread, or when it is idempotent (a GET, or a request with `Idempotency-Key`); a plain
-    close may follow a read request. The race is avoided where it starts too: servers built on
-    uvicorn or cpp-httplib close idle connections after 5 s, and an idle connection is kept for
-    less (`KEEPALIVE_EXPIRY`), which also keeps off connections a firewall or NAT on the way may
-    have forgotten.
+    paid twice. Only an idempotent one (a GET, or a request with `Idempotency-Key`) that meets a
+    pooled connection the upstream was closing as it came (lost within `STALE_WINDOW`, before a
+    byte of answer) is sent once more on a fresh connection: neither a close nor a reset tells
+    whether the backend read the request first. The race is avoided where it starts instead:
+    servers built on uvicorn or cpp-httplib close idle connections after 5 s, and an idle
+    connection is kept for less (`KEEPALIVE_EXPIRY`), which also keeps off connections a firewall
+    or NAT on the way may have forgotten.
     """
 
     def __init__(self, max_connections: int, keepalive_expiry: float) -> None:
@@ -936,7 +931,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 connection.close()
                 if connection.received_any or connection.loop.time() - sent > STALE_WINDOW:
                     raise
-                if not (connection.unread or _may_send_again(request)):
+                if not _may_send_again(request):
                     raise httpx.RemoteProtocolError(
                         "the upstream closed a kept-alive connection as the request went out, and it was not sent "
                         "again: the backend may have begun on it (a request with Idempotency-Key is sent again)"
