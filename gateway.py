@@ -356,7 +356,7 @@ def route(model: str, settings: Settings) -> list[Target]:
     """The targets of a request for `model`, in the order they are tried: an alias's chain, a chain
     the client sent (`openai:gpt-4.1-mini|ollama:qwen2.5`), or the model alone. An alias's targets
     are not looked up again, so aliases never loop."""
-    chain = settings.aliases.get(model) or _pattern_alias(model, settings)
+    chain = settings.aliases.get(model) or (_pattern_alias(model, settings) if settings.alias_patterns else None)
     if chain is None:
         chain = model.split("|") if "|" in model else (model,)
         if len(chain) > MAX_CHAIN:
@@ -1254,7 +1254,8 @@ class Attempt:
     __slots__ = ("target", "server", "request", "outcome")
 
     def __init__(self, target: Target, server: Server, request: httpx.Request) -> None:
-        self.target, self.server, self.request, self.outcome = target, server, request, ""
+        self.target, self.server, self.request = target, server, request
+        self.outcome: int | str = ""  # the status it got, or the error that moved the request on
 
 
 class Plan:
@@ -1265,9 +1266,10 @@ class Plan:
     usual request, one target on one server, is sent as it was parsed, without a copy.
     """
 
-    def __init__(self, request: Request, path: str, payload: dict[str, Any], targets: list[Target]) -> None:
-        self.request, self.path, self.payload, self.targets = request, path, payload, targets
-        self.settings: Settings = request.app.state.settings
+    def __init__(
+        self, request: Request, path: str, payload: dict[str, Any], targets: list[Target], settings: Settings
+    ) -> None:
+        self.request, self.path, self.payload, self.targets, self.settings = request, path, payload, targets, settings
         self.position = 0  # the target being tried
         self.tried: set[Server] = set()  # its servers tried so far
         self.attempts: list[Attempt] = []
@@ -1318,7 +1320,7 @@ def settle(attempt: Attempt, status: int | None, exc: Exception | None, now: flo
         else:
             server.on_trial = False
         return
-    attempt.outcome = str(status)
+    attempt.outcome = status
     if status in RETRYABLE_STATUS:
         metrics.child(metrics.failures, backend, server.safe_url, str(status)).inc()
     if status in EJECTING_STATUS:
@@ -1339,9 +1341,8 @@ class Relay:
     so the client sees an error instead of a silently short answer.
     """
 
-    def __init__(self, client: httpx.AsyncClient, plan: Plan) -> None:
-        self.client, self.plan = client, plan
-        self.metrics: Metrics = plan.request.app.state.metrics
+    def __init__(self, client: httpx.AsyncClient, plan: Plan, metrics: Metrics) -> None:
+        self.client, self.plan, self.metrics = client, plan, metrics
 
     def begin(self, attempt: Attempt) -> None:
         attempt.server.in_flight += 1
@@ -1367,19 +1368,12 @@ class Relay:
             if len(self.plan.attempts) > 1 and response.status_code in RETRYABLE_STATUS:
                 headers.append((b"x-should-retry", b"false"))  # the gateway tried every target: no SDK retries on top
             await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-            # The usage is read from what was passed on: a JSON answer whole, a stream's last two chunks.
-            whole: list[bytes] | None = [] if response.headers.get("content-type", "").startswith(
-                "application/json") and "content-encoding" not in response.headers else None
-            before, last, kept = b"", b"", 0
+            before, last = b"", b""  # the usage is read off the last two chunks passed on, at the end
             async for chunk in response.stream:  # the raw body: no decoding, no re-chunking
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 before, last = last, chunk
-                if whole is not None:
-                    whole.append(chunk)
-                    if (kept := kept + len(chunk)) > MAX_USAGE_SCAN:
-                        whole = None
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            if response.status_code < 300 and (usage := usage_of(b"".join(whole) if whole else before + last)):
+            if response.status_code < 300 and (usage := usage_of(before + last)):
                 self.metrics.tokens(target.backend.name, target.model, usage)
         except httpx.HTTPError as exc:
             scope["state"]["outcome"] = f"upstream failed mid-stream: {type(exc).__name__}"
@@ -1446,7 +1440,7 @@ MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by `python gateway.py --wor
 prometheus_client.disable_created_metrics()  # a `_created` series beside every counter says nothing here
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MAX_MODEL_LABELS = 1000  # model names with a label of their own; every other name is "other"
-MAX_USAGE_SCAN = 1024 * 1024  # a JSON answer up to this size is read again for its usage
+STATUS_TEXT = {status: str(status) for status in range(100, 600)}  # label values, made once
 FLUSH_EVERY = 1.0  # seconds: how far behind a scrape under `--workers` may see the other workers
 
 
@@ -1498,7 +1492,8 @@ class Metrics:
         self.known.update(settings.aliases)
         self.series: dict[tuple[Any, ...], Any] = {}
         self.counts: dict[tuple[Any, ...], float] = {}  # (counter, *labels) -> added since the last flush
-        self.observed: dict[tuple[Any, str], list[float]] = {}  # (histogram, backend) -> per bucket, then the sum
+        # histogram -> backend -> per bucket, then the sum, observed since the last flush
+        self.observed: dict[Any, dict[str, list[float]]] = {self.first_byte: {}, self.duration: {}}
         self.backends = settings.backends
         self.totals = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}  # for the page
 
@@ -1520,13 +1515,13 @@ class Metrics:
 
     def answered(self, backend: str | None, model: str | None, status: int, first_byte: float, total: float) -> None:
         if backend is None or model is None:
-            self.count(self.requests, "-", "-", str(status))
+            self.count(self.requests, "-", "-", STATUS_TEXT[status])
             return
         self.totals["requests"] += 1  # the page's counters: requests routed to a backend
         self.totals["errors"] += status >= 500
         if 200 <= status < 300 and model not in self.known and len(self.known) < MAX_MODEL_LABELS:
             self.known.add(model)
-        self.count(self.requests, backend, model if model in self.known else "other", str(status))
+        self.count(self.requests, backend, model if model in self.known else "other", STATUS_TEXT[status])
         self.observe(self.first_byte, backend, first_byte)
         self.observe(self.duration, backend, total)
 
@@ -1535,8 +1530,8 @@ class Metrics:
         self.counts[key] = self.counts.get(key, 0) + amount
 
     def observe(self, histogram: Any, backend: str, value: float) -> None:
-        if (slots := self.observed.get((histogram, backend))) is None:
-            slots = self.observed[histogram, backend] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        if (slots := self.observed[histogram].get(backend)) is None:
+            slots = self.observed[histogram][backend] = [0.0] * (len(LATENCY_BUCKETS) + 2)
         slots[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1  # the last bucket but one: +Inf
         slots[-1] += value
 
@@ -1545,8 +1540,8 @@ class Metrics:
         counts, self.counts = self.counts, {}
         for (counter, *labels), amount in counts.items():
             self.child(counter, *labels).inc(amount)
-        observed, self.observed = self.observed, {}
-        for (histogram, backend), slots in observed.items():
+        observed, self.observed = self.observed, {self.first_byte: {}, self.duration: {}}
+        for histogram, backend, slots in ((h, b, s) for h, by_backend in observed.items() for b, s in by_backend.items()):
             series = self.child(histogram, backend)
             for bucket, n in zip(series._buckets, slots):  # what observe() would do, n at a time
                 if n:
@@ -1618,16 +1613,17 @@ class WorkerProcesses:
         return [cpu, memory]
 
 
-_TOKENS = re.compile(rb'"(prompt|completion)_tokens"\s*:\s*(\d+)')
+_TOKEN_COUNT = re.compile(rb'"(prompt|completion)_tokens"\s*:\s*(\d+)')
+USAGE_KEYS = {b"prompt": "prompt_tokens", b"completion": "completion_tokens"}
 
 
-def usage_of(body: bytes) -> dict[str, int] | None:
-    """The token counts of the last `usage` object in `body` (a JSON answer, or the tail of a
-    stream), read off its text: a decoder would walk the whole answer for two numbers."""
-    if (start := body.rfind(b'"usage"')) < 0:
+def usage_of(tail: bytes) -> dict[str, int] | None:
+    """The token counts of the last `usage` object in the tail of an answer (its last two chunks:
+    a JSON answer's usage comes last, and so does a stream's usage event), read off its text: a
+    decoder would walk the whole answer for two numbers."""
+    if (start := tail.rfind(b'"usage"')) < 0:
         return None
-    counts = {kind.decode() + "_tokens": int(n) for kind, n in _TOKENS.findall(body, start, start + 512)}
-    return counts or None
+    return {USAGE_KEYS[kind]: int(n) for kind, n in _TOKEN_COUNT.findall(tail, start, start + 512)} or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1685,7 +1681,8 @@ async def proxy(request: Request) -> Response | Relay:
     request.state.model = payload["model"]  # logged as sent, should routing refuse it
     targets = route(payload["model"], settings)
     request.state.backend, request.state.model = targets[0].backend.name, targets[0].model
-    return Relay(request.app.state.client, Plan(request, path, payload, targets))
+    state = request.app.state
+    return Relay(state.client, Plan(request, path, payload, targets, settings), state.metrics)
 
 
 _NOT_VISIBLE = re.compile(rb"[^\x21-\x7e]")
