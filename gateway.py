@@ -1394,6 +1394,8 @@ class Relay:
             state["backend"], state["model"] = attempt.target.backend.name, attempt.target.model
             if len(attempt.target.backend.servers) > 1:
                 state["server"] = attempt.server.safe_url
+            else:
+                state.pop("server", None)  # an earlier attempt's, on another backend
             try:
                 response = await self.client.send(attempt.request, stream=True)
             except httpx.HTTPError as exc:
