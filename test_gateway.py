@@ -96,14 +96,32 @@ def bound_socket(port: int = 0) -> socket.socket:
 
 
 class QuickServer(uvicorn.Server):
-    """uvicorn's server, which looks whether it should stop every 10 ms instead of every 100 ms:
-    hundreds of tests stop two servers each."""
+    """uvicorn's server, which looks whether it should stop, and whether its connections and tasks
+    are done when it does, every 5 ms instead of every 100 ms: hundreds of tests stop two servers
+    each."""
 
     async def main_loop(self) -> None:
         counter = 0
         while not await self.on_tick(counter):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
             counter = (counter + 1) % 864000
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        try:
+            async with asyncio.timeout(self.config.timeout_graceful_shutdown):
+                while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
+                    await asyncio.sleep(0.005)
+        except TimeoutError:
+            for task in self.server_state.tasks:
+                task.cancel()
+        for server in self.servers:
+            await server.wait_closed()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
 
 
 @contextmanager
