@@ -1505,9 +1505,6 @@ class Metrics:
             series = self.series[key] = metric.labels(*labels)
         return series
 
-    def model(self, name: str) -> str:
-        return name if name in self.known else "other"
-
     def learn(self, names: Iterable[str]) -> None:
         """Model names a backend listed or answered: they earn a label, while there is room."""
         for name in names:
