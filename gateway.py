@@ -1505,12 +1505,17 @@ class Metrics:
             series = self.series[key] = metric.labels(*labels)
         return series
 
+    def label(self, model: str, earned: bool = True) -> str:
+        """`model` as a label value: its own name once it has earned one (listed by a backend,
+        answered with a 2xx, named by an alias) while there is room, else "other"."""
+        if earned and model not in self.known and len(self.known) < MAX_MODEL_LABELS:
+            self.known.add(model)
+        return model if model in self.known else "other"
+
     def learn(self, names: Iterable[str]) -> None:
-        """Model names a backend listed or answered: they earn a label, while there is room."""
+        """Model names a backend listed: they earn a label."""
         for name in names:
-            if len(self.known) >= MAX_MODEL_LABELS:
-                return
-            self.known.add(name)
+            self.label(name)
 
     def answered(self, backend: str | None, model: str | None, status: int, first_byte: float, total: float) -> None:
         if backend is None or model is None:
@@ -1518,9 +1523,7 @@ class Metrics:
             return
         self.totals["requests"] += 1  # the page's counters: requests routed to a backend
         self.totals["errors"] += status >= 500
-        if 200 <= status < 300 and model not in self.known and len(self.known) < MAX_MODEL_LABELS:
-            self.known.add(model)
-        self.count(self.requests, backend, model if model in self.known else "other", STATUS_TEXT[status])
+        self.count(self.requests, backend, self.label(model, 200 <= status < 300), STATUS_TEXT[status])
         self.observe(self.first_byte, backend, first_byte)
         self.observe(self.duration, backend, total)
 
@@ -1549,9 +1552,7 @@ class Metrics:
 
     def tokens(self, backend: str, model: str, usage: Mapping[str, int]) -> None:
         """Tokens of a 2xx answer, whose model has just earned its label."""
-        if model not in self.known and len(self.known) < MAX_MODEL_LABELS:
-            self.known.add(model)
-        label = model if model in self.known else "other"
+        label = self.label(model)
         for kind, counter in (("prompt_tokens", self.prompt_tokens), ("completion_tokens", self.completion_tokens)):
             if (n := usage.get(kind)) is not None:
                 self.count(counter, backend, label, amount=n)
@@ -2488,8 +2489,8 @@ class ClientCycle(RequestResponseCycle):
         return message
 
 
-# What the gateway uses of uvicorn and httpx beyond their public APIs: a release may change it, and
-# a gateway that starts without it would fail on every connection instead.
+# What the gateway uses of uvicorn, httpx and prometheus_client beyond their public APIs: a release
+# may change it, and a gateway that starts without it would fail on every connection instead.
 INTERNALS: dict[type, tuple[str, ...]] = {
     HttpToolsProtocol: (
         "_unset_keepalive_if_required()", "on_message_begin()", "on_headers_complete()", "on_message_complete()",
@@ -2501,12 +2502,13 @@ INTERNALS: dict[type, tuple[str, ...]] = {
     ),
     FlowControl: ("read_paused",),
     httpx.AsyncClient: ("_transport_for_url()",),
+    Histogram: ("_buckets", "_sum"),  # Metrics.flush adds counts to a histogram's buckets directly
 }
 
 
 def missing_internals() -> list[str]:
-    """What of INTERNALS the installed uvicorn and httpx lack: methods (named with `()`), and the
-    attributes that their methods set."""
+    """What of INTERNALS the installed libraries lack: methods (named with `()`), and the attributes
+    that their methods set."""
     missing = []
     for cls, names in INTERNALS.items():
         attributes = {name for f in vars(cls).values() for name in getattr(getattr(f, "__code__", None), "co_names", ())}
@@ -2519,8 +2521,8 @@ def missing_internals() -> list[str]:
 
 if missing := missing_internals():
     raise SystemExit(
-        f"llm-gateway: uvicorn {uvicorn.__version__} or httpx {httpx.__version__} lacks {', '.join(missing)}, which "
-        "the gateway builds on; install the versions that pyproject.toml names"
+        f"llm-gateway: the installed uvicorn ({uvicorn.__version__}), httpx ({httpx.__version__}) or prometheus_client "
+        f"lack {', '.join(missing)}, which the gateway builds on; install the versions that pyproject.toml names"
     )
 
 
