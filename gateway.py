@@ -1067,7 +1067,9 @@ def _last_user_text(messages: Any) -> str:
 
 
 def _prompt_text(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else prompt[0] if isinstance(prompt, list) and prompt else ""
+    """A text completion's prompt: a string, or the first of a list of them (token ids echo nothing)."""
+    first = prompt[0] if isinstance(prompt, list) and prompt else prompt
+    return first if isinstance(first, str) else ""
 
 
 def _all_text(payload: dict[str, Any]) -> str:

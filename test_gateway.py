@@ -4176,6 +4176,11 @@ def test_the_echo_backend_answers_through_the_sdk_as_json_and_as_a_stream(gatewa
     assert "echo:echo" in {model.id for model in client.models.list()}
 
 
+def test_the_echo_backend_answers_a_prompt_of_token_ids_with_nothing_rather_than_failing(gateway_with: Callable) -> None:
+    response = post(gateway_with(ECHO_BACKEND="on"), "/v1/completions", json={"model": "echo:x", "prompt": [1, 2]})
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == ""
+
+
 def test_echo_backend_off_removes_it(gateway_with: Callable) -> None:
     response = post(gateway_with(ECHO_BACKEND="off", DEFAULT_BACKEND=""), json={"model": "echo:x", "messages": []})
     assert response.status_code == 400 and "'echo:<model>'" not in error_of(response)["message"]
